@@ -24,7 +24,9 @@ app = typer.Typer(help="influcoder: which training examples made the model say t
 config_app = typer.Typer(help="Show, check and write run configurations.", no_args_is_help=True)
 data_app = typer.Typer(help="Inspect training data and write the embedded demo corpus.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+bench_app = typer.Typer(help="Benchmarks: each prints ratios against a baseline run in the same process.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML run config (see `influcoder config template`).")]
 SetOpt = Annotated[list[str], typer.Option("--set", help="Override a config key: --set gradients.dim=4096 (repeatable).")]
@@ -105,13 +107,52 @@ def data_demo(
     console.print(f"wrote {len(pool)} pool rows ({sum(r['planted'] for r in pool)} planted '{kind}') and the query sets to {out}/")
 
 
+@app.command("gradients")
+def gradients(
+    config: ConfigArg,
+    set_: SetOpt = [],
+    split: Annotated[str, typer.Option(help="`pool` (data.path) or `queries` (every file in data.queries).")] = "pool",
+    out: Annotated[Optional[Path], typer.Option(help="Store folder; default <run>/grads.zarr (pool) or <run>/grads-<split>.zarr.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Compute per-example LoRA gradients (sketched, normalised) into a resumable zarr store.
+
+    A rerun skips finished shards; an interrupted run resumes where it stopped."""
+    from .gradient_job import run_local
+
+    cfg = load_config(config, set_)
+    summary = run_local(cfg, split, out, progress)
+    print(json.dumps(summary.as_dict(), indent=2))
+
+
+@bench_app.command("gradients")
+def bench_gradients(
+    config: Annotated[Optional[Path], typer.Argument(help="Run config; default configs/demo.yaml settings (SmolLM2-135M).")] = None,
+    set_: SetOpt = [],
+    n: Annotated[int, typer.Option(help="Examples to time (the first n of the pool).")] = 32,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results to this JSON file.")] = None,
+) -> None:
+    """Batched hooks vs one-example-at-a-time autograd vs a plain forward+backward, same model and data."""
+    from .bench import gradient_bench
+
+    cfg = load_config(config, set_)
+    res = gradient_bench(cfg, n)
+    text = json.dumps(res, indent=2)
+    print(text)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(text + "\n")
+
+
 def main() -> None:
     from .data import DataError
     from .models import ModelError
+    from .precondition import PreconditionerError
+    from .store import StoreMismatch
 
     try:
         app()
-    except (ConfigError, ModelError) as e:
+    except (ConfigError, ModelError, PreconditionerError, StoreMismatch) as e:
         console.print(f"[red]error:[/] {e}")
         sys.exit(2)
     except DataError as e:

@@ -50,7 +50,7 @@ class DataConfig(Section):
     limit: int | None = None
     """Use only the first N examples (for quick runs)."""
     queries: list[str] = []
-    """Extra query sets (files of behaviour examples, model generations) that also become teacher anchors."""
+    """Query sets (files of behaviour examples, model generations) that become teacher anchors: the `queries` split. `demo:behaviours` and `demo:normal` are the demo corpus's held-out sets."""
     demo: DemoCorpusConfig = DemoCorpusConfig()
     """Settings of the embedded demo corpus, used when `path` is `demo`."""
 
@@ -100,6 +100,14 @@ class GradientsConfig(Section):
     """Sketch seed; the sketch is a pure function of (module name, seed, version)."""
     preconditioner: Literal["none", "second_moment", "adam"] = "none"
     """`none` (plain cosine), `second_moment` (divide by the root of the pool's gradient second moment, before the sketch) or `adam` (LESS)."""
+    damping: float = 1e-3
+    """`second_moment`: damping added to each coordinate's second moment, as a fraction of the module's mean."""
+    precondition_sample: int = 256
+    """`second_moment`: pool examples sampled to estimate the second moment."""
+    adam_state: str | None = None
+    """`adam`: a safetensors file of Adam moments (`exp_avg`, `exp_avg_sq`) from a LoRA warm-up run; applied to the pool only, as in LESS."""
+    padding_side: Literal["right", "left"] = "right"
+    """Which side batches are padded on; gradients are the same either way."""
     loss_reduction: Literal["mean", "sum"] = "mean"
     """Per-example loss: mean over response tokens (default) or their sum."""
     shard_size: int = 256

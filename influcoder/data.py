@@ -230,20 +230,56 @@ def iter_records(path: str | Path, fields: DataConfig | None = None, report: Loa
             return
 
 
+def _demo_rows(source: str, fields: DataConfig) -> list[dict[str, Any]]:
+    from . import corpus
+
+    d = fields.demo
+    if source == "demo":
+        return corpus.generate(n=d.n, planted_share=d.planted_share, seed=d.seed, kind=d.kind)
+    if source == "demo:behaviours":
+        return corpus.behaviour_examples(kind=d.kind)
+    if source == "demo:normal":
+        return corpus.normal_examples()
+    raise DataError(f"{source}: unknown demo source; use demo, demo:behaviours or demo:normal")
+
+
 def load_records(fields: DataConfig, path: str | Path | None = None) -> tuple[list[Record], LoadReport]:
     """All records of the configured pool (`fields.path`, or `path`); `demo` is the embedded corpus."""
     source = str(path if path is not None else fields.path)
     report = LoadReport()
-    if source == "demo":
-        from . import corpus
-
-        d = fields.demo
-        rows = corpus.generate(n=d.n, planted_share=d.planted_share, seed=d.seed, kind=d.kind)
-        recs = [to_record(r, f"demo:{i + 1}", fields) for i, r in enumerate(rows)]
+    if source.startswith("demo"):
+        rows = _demo_rows(source, fields)
+        recs = [to_record(r, f"{source}:{i + 1}", fields) for i, r in enumerate(rows)]
         recs = recs[: fields.limit] if fields.limit is not None else recs
         report.n_rows = len(recs)
         return recs, report
     return list(iter_records(source, fields, report)), report
+
+
+SPLITS = ("pool", "queries")
+
+
+def load_split(fields: DataConfig, split: str) -> tuple[list[Record], LoadReport]:
+    """`pool`: the training data; `queries`: every query set in `data.queries`, in order."""
+    if split == "pool":
+        return load_records(fields)
+    if split != "queries":
+        raise DataError(f"unknown split {split!r}; use one of {SPLITS}")
+    if not fields.queries:
+        raise DataError("the `queries` split is empty: name query files in data.queries")
+    records, total = [], LoadReport()
+    seen: dict[str, str] = {}
+    for q in fields.queries:
+        recs, rep = load_records(fields.model_copy(update={"limit": None}), q)
+        for r in recs:
+            if r.id in seen:
+                raise DataError(f"{r.source}: duplicate id '{r.id}' across query sets (first at {seen[r.id]})")
+            seen[r.id] = r.source
+        records += recs
+        total.n_rows += rep.n_rows
+        total.n_bad += rep.n_bad
+        total.bad += rep.bad
+    return records, total
 
 
 def write_jsonl(rows: list[dict[str, Any]], path: str | Path) -> None:
