@@ -137,9 +137,29 @@ class StudentConfig(Section):
     tau: float = 0.05
     """Softmax temperature of the KL term."""
     epochs: int = 3
-    """Training epochs."""
+    """Training epochs; the held-out block is scored after each and the best epoch is kept."""
+    steps_per_epoch: int = 50
+    """Training blocks per epoch."""
+    k_anchors: int = 8
+    """Anchors per training block."""
+    m_candidates: int = 32
+    """Pool candidates per training block."""
+    hard_negative_ratio: float = 0.5
+    """Share of a block's candidates drawn from the teacher's top items for its anchors; the rest are random."""
     lr: float = 2e-5
     """AdamW learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.1
+    """Share of steps with a linear learning-rate warm-up."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    max_seq_length: int = 256
+    """Student input length in tokens."""
+    seed: int = 0
+    """Seed of block sampling and training."""
+    eval_k: int = 10
+    """k of recall@k and NDCG@k in the fidelity report."""
     query_prompt: str = "query: "
     """Prompt prepended to queries (model outputs to attribute)."""
     document_prompt: str = "passage: "

@@ -70,9 +70,9 @@ def test_second_moment_store_equals_manual_pipeline(root, tmp_path):
                                                        "gradients.preconditioner=second_moment", "gradients.precondition_sample=1000"])
     store = run_local(cfg, progress=False).store
     sm = SecondMoment.load(preconditioner_path(cfg))
-    assert sm.n_sample == 48  # the whole pool here
+    assert sm.n_sample == 192  # the whole pool here
     d = load_decoder(cfg.model)
-    exs = examples(d.tokenizer, 48)
+    exs = examples(d.tokenizer, 192)
     ref, _ = loop_gradients(d.model, exs, d.tokenizer.pad_token_id, True)
     parts, off = [], 0
     for m in GradientEngine(d.model, True).modules:

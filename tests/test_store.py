@@ -33,14 +33,14 @@ def test_store_schema_and_manifest(root, tmp_path):
     cfg = tiny(root, tmp_path)
     s = run_local(cfg, progress=False)
     st = GradStore.open(s.store)
-    assert st.complete and st.n == 48 and st.dim == 256 and st.n_shards == 3
-    assert st.group["grads"].dtype == np.float16 and st.group["grads"].chunks == (16, 256)
+    assert st.complete and st.n == 192 and st.dim == 256 and st.n_shards == 6
+    assert st.group["grads"].dtype == np.float16 and st.group["grads"].chunks == (32, 256)
     norms = np.linalg.norm(st.grads().astype(np.float32), axis=1)
     assert np.allclose(norms, 1, atol=1e-2) and (st.array("norm") > 0).all()
     m = st.manifest
     assert m["sketch"]["kind"] == "countsketch" and m["sketch"]["version"] >= 1
     assert m["a_gradients"].startswith("skipped") and m["model"]["adapter"]["fresh"]
-    assert m["dataset"]["n"] == 48 and len(m["dataset"]["fingerprint"]) == 64
+    assert m["dataset"]["n"] == 192 and len(m["dataset"]["fingerprint"]) == 64
     assert (cfg.run_dir / "adapter" / "adapter_config.json").is_file()
     assert st.ids()[:2] == ["demo-00000", "demo-00001"]
 
@@ -52,8 +52,8 @@ def test_resume_after_partial_shard_equals_clean_run(root, tmp_path):
     g = zarr.open_group(first.store, mode="r+")
     # a crash mid-shard: rows half written, done flag never set
     g["done"][1] = False
-    g["grads"][16:24] = np.float16(7)
-    g["loss"][16:24] = -1
+    g["grads"][40:48] = np.float16(7)
+    g["loss"][40:48] = -1
     again = run_local(cfg, progress=False)
     assert again.shards_run == 1
     assert_same(arrays(clean.store), arrays(again.store))

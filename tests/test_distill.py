@@ -1,0 +1,64 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from influcoder.config import StudentConfig, load_config
+from influcoder.distill import block_loss, distill, encoder_path, sample_block
+from influcoder.fidelity import eval_fidelity
+from influcoder.gradient_job import run_local
+from influcoder.teacher import build_teacher
+
+
+@pytest.mark.parametrize("loss", ["pearson_kl", "kl", "cosent", "margin_mse"])
+def test_each_loss_prefers_the_teachers_order(loss):
+    g = torch.Generator().manual_seed(0)
+    Y = torch.randn(4, 16, generator=g) * 0.2
+    sc = StudentConfig(loss=loss)
+    good = block_loss(Y, Y, sc)
+    shuffled = block_loss(Y, Y[:, torch.randperm(16, generator=g)], sc)
+    assert good < shuffled
+    if loss in ("pearson_kl", "kl", "margin_mse"):
+        assert good.abs() < 1e-5
+
+
+def test_block_sampling_mixes_hard_and_random():
+    rng = np.random.default_rng(0)
+    Y = rng.normal(size=(10, 100))
+    cols = sample_block(Y, 4, 20, 0.5, rng, np.arange(4))
+    assert len(cols) == len(set(cols)) == 20
+    top = set(np.argsort(-Y[:4], axis=1)[:, :6].ravel())
+    assert len(set(cols) & top) >= 10
+
+
+@pytest.fixture(scope="module")
+def distilled(root, tmp_path_factory):
+    cfg = load_config(root / "configs" / "tiny.yaml", [f"out_dir={tmp_path_factory.mktemp('distill')}"])
+    run_local(cfg, progress=False)
+    run_local(cfg, "queries", progress=False)
+    build_teacher(cfg)
+    return cfg, distill(cfg, progress=False)
+
+
+def test_trained_student_beats_untrained_on_held_out_block(distilled):
+    cfg, rep = distilled
+    s, u = rep["rows"]["student"], rep["rows"]["untrained"]
+    assert s["per_anchor_spearman"] >= u["per_anchor_spearman"] + 0.15, rep["epochs"]
+    assert s["aggregated_spearman"] > u["aggregated_spearman"]
+    assert rep["sizes"]["eval_pool"] >= 30 and rep["best_epoch"] >= 1
+    assert set(rep["rows"]) == {"student", "untrained", "tfidf"}
+
+
+def test_outputs_are_a_loadable_sentence_transformer_and_a_report(distilled):
+    from sentence_transformers import SentenceTransformer
+
+    cfg, rep = distilled
+    model = SentenceTransformer(str(encoder_path(cfg)), device="cpu")
+    assert model.prompts["query"] == cfg.student.query_prompt
+    assert model.encode_query(["hello"]).shape == model.encode_document(["hello"]).shape
+    saved = json.loads((cfg.run_dir / "fidelity.json").read_text())
+    assert saved["rows"]["student"] == rep["rows"]["student"]
+    assert (cfg.run_dir / "fidelity.png").stat().st_size > 10_000
+    again = eval_fidelity(cfg)
+    assert again["student"]["per_anchor_spearman"] == pytest.approx(rep["rows"]["student"]["per_anchor_spearman"], abs=1e-4)

@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+
+from influcoder.config import load_config
+from influcoder.gradient_job import default_store_path, run_local
+from influcoder.store import GradStore, StoreMismatch
+from influcoder.teacher import Teacher, build_teacher
+
+
+@pytest.fixture(scope="module")
+def tiny_run(root, tmp_path_factory):
+    cfg = load_config(root / "configs" / "tiny.yaml", [f"out_dir={tmp_path_factory.mktemp('teacher')}"])
+    run_local(cfg, progress=False)
+    run_local(cfg, "queries", progress=False)
+    build_teacher(cfg)
+    return cfg
+
+
+def unit(x):
+    x = x.astype(np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_teacher_equals_brute_force_cosine(tiny_run):
+    cfg = tiny_run
+    t = Teacher.open(cfg.run_dir / "teacher.zarr")
+    pool, queries = GradStore.open(default_store_path(cfg, "pool")), GradStore.open(default_store_path(cfg, "queries"))
+    vecs = dict(zip(pool.ids(), pool.grads())) | dict(zip(queries.ids(), queries.grads()))
+    A = unit(np.stack([vecs[i] for i in t.anchor_ids]))
+    P = unit(np.stack([vecs[i] for i in t.pool_ids]))
+    brute = A @ P.T
+    assert np.abs(t.scores() - brute).max() < 2e-3  # float16 storage
+    top = t.group["topk_index"][:]
+    assert (top[:, 0] == brute.argmax(1)).mean() > 0.95
+    assert t.anchor_source.count("queries") == queries.n == 40
+    assert t.anchor_source.count("pool") == 48
+
+
+def test_splits_are_disjoint_and_anchors_leave_the_pool(tiny_run):
+    t = Teacher.open(tiny_run.run_dir / "teacher.zarr")
+    assert not set(t.anchor_ids) & set(t.pool_ids)  # no row is scored against itself
+    assert len(set(t.pool_ids)) == len(t.pool_ids) == 192 - 48
+    for mask in (t.anchor_eval, t.pool_eval):
+        assert 0 < mask.sum() < len(mask)
+    _, a_tr, p_tr = t.block(False, False)
+    _, a_ev, p_ev = t.block(True, True)
+    assert not set(a_tr) & set(a_ev) and not set(p_tr) & set(p_ev)
+    assert len(a_tr) + len(a_ev) == len(t.anchor_ids) and len(p_tr) + len(p_ev) == len(t.pool_ids)
+    m = t.manifest
+    assert m["n_anchors"] == 88 and m["eval_fraction"] == 0.25 and m["gradients"]["sketch"]["kind"] == "countsketch"
+
+
+def test_mismatched_query_store_is_refused(tiny_run, tmp_path):
+    cfg = tiny_run
+    other = load_config(None, [f"out_dir={tmp_path}"]).model_copy(update={"model": cfg.model, "data": cfg.data,
+                                                                           "gradients": cfg.gradients.model_copy(update={"seed": 9})})
+    run_local(other, "queries", out=tmp_path / "q.zarr", progress=False)
+    import shutil
+
+    shutil.copytree(cfg.run_dir / "grads.zarr", other.run_dir / "grads.zarr")
+    shutil.copytree(tmp_path / "q.zarr", other.run_dir / "grads-queries.zarr")
+    with pytest.raises(StoreMismatch, match="sketch.seed: 0 != 9"):
+        build_teacher(other)
