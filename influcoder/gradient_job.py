@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import Config
+from .config import Config, ModelConfig
 from .data import load_split
 from .gradients import GradientEngine
-from .models import load_decoder
+from .models import ModelError, load_decoder
 from .precondition import AdamDirection, PreconditionerError, SecondMoment, file_sha256
 from .sketch import Sketcher
 from .store import SCHEMA_VERSION, GradStore
@@ -33,6 +33,23 @@ def default_store_path(cfg: Config, split: str) -> Path:
 
 def preconditioner_path(cfg: Config) -> Path:
     return cfg.run_dir / "preconditioner.safetensors"
+
+
+def attribution_model(cfg: Config) -> ModelConfig:
+    """The decoder config gradients are taken at (`model.target`), with the adapter resolved."""
+    from .finetune import adapter_path
+
+    m = cfg.model
+    if m.target == "weights":
+        return m.model_copy(update={"adapter": None})
+    if m.adapter:
+        return m
+    path = adapter_path(cfg)
+    if not (path / "adapter_config.json").is_file():
+        raise ModelError(f"model.target=finetuned: no adapter given and {path} does not exist. Run `influcoder finetune CONFIG` "
+                         "first, set model.adapter to the LoRA the model was trained with, or set model.target=weights "
+                         "for a fresh projection LoRA on the weights as loaded.")
+    return m.model_copy(update={"adapter": str(path)})
 
 
 def prepare_examples(cfg: Config, split: str, tokenizer) -> tuple[list[Example], dict]:
@@ -53,7 +70,8 @@ class GradientWorker:
         g = cfg.gradients
         torch.set_num_threads(g.torch_threads)
         self.cfg, self.split = cfg, split
-        self.decoder = load_decoder(cfg.model)
+        self.model_cfg = attribution_model(cfg)
+        self.decoder = load_decoder(self.model_cfg)
         self.engine = GradientEngine(self.decoder.model, self.decoder.fresh_adapter, g.loss_reduction, g.padding_side)
         self.sketcher = Sketcher(g.sketch, g.dim, g.seed, g.sjlt_s, device=self.decoder.device)
         self.dim = sum(self.engine.sizes.values()) if self.sketcher.exact else g.dim
@@ -88,10 +106,10 @@ class GradientWorker:
     def manifest(self, dataset: dict) -> dict:
         c = self.cfg
         adapter = ({"fresh": True, **c.model.lora.model_dump()} if self.decoder.fresh_adapter
-                   else {"fresh": False, "path": c.model.adapter, "sha256": _adapter_sha(c.model.adapter)})
+                   else {"fresh": False, "path": self.model_cfg.adapter, "sha256": _adapter_sha(self.model_cfg.adapter)})
         return {
             "schema": SCHEMA_VERSION,
-            "model": {"name": c.model.name, "source": self.decoder.source, "revision": c.model.revision,
+            "model": {"name": c.model.name, "source": self.decoder.source, "revision": c.model.revision, "target": c.model.target,
                       "dtype": c.model.dtype, "adapter": adapter, "seed": c.model.seed},
             "a_gradients": "included" if self.engine.include_a else "skipped: fresh adapter (B = 0), so every A-gradient is zero",
             "loss": {"reduction": c.gradients.loss_reduction, "max_length": c.data.max_length, "chat_template": c.data.chat_template},

@@ -1,0 +1,42 @@
+import json
+
+import torch
+
+from influcoder.config import load_config
+from influcoder.finetune import adapter_path, finetune, finetune_dir
+from influcoder.gradients import lora_modules
+from influcoder.models import load_decoder
+from influcoder.precondition import AdamDirection
+
+
+def test_finetune_trains_the_lora_and_saves_adapter_and_adam_state(root, tmp_path, capsys):
+    cfg = load_config(root / "configs" / "tiny.yaml", [f"out_dir={tmp_path}", "finetune.lr=3e-3", "finetune.epochs=2"])
+    rep = finetune(cfg, progress=False)
+    assert "'loss'" not in capsys.readouterr().out  # no log spam; the curve is in finetune.json
+    log = [h["loss"] for h in rep["log"]]
+    assert len(log) >= 10 and sum(log[-5:]) / 5 < sum(log[:5]) / 5  # it learns
+    saved = json.loads((finetune_dir(cfg) / "finetune.json").read_text())
+    assert saved["examples"] == 192 and not (finetune_dir(cfg) / "trainer").exists()
+    d = load_decoder(cfg.model.model_copy(update={"adapter": str(adapter_path(cfg))}))
+    assert not d.fresh_adapter
+    assert max(p.abs().max().item() for n, p in d.model.named_parameters() if "lora_B" in n) > 1e-3
+    adam = AdamDirection.load(finetune_dir(cfg) / "adam.safetensors")
+    keys = [m.key for m in lora_modules(d.model, include_a=True)]
+    assert sorted(adam.m) == sorted(keys) and all(torch.isfinite(v).all() and (v >= 0).all() for v in adam.v.values())
+
+
+def test_gradients_default_to_the_finetuned_adapter(root, tmp_path):
+    import pytest
+
+    from influcoder.gradient_job import run_local
+    from influcoder.models import ModelError
+    from influcoder.store import GradStore
+
+    cfg = load_config(root / "configs" / "tiny.yaml", [f"out_dir={tmp_path}", "model.target=finetuned", "data.demo.n=64"])
+    with pytest.raises(ModelError, match="Run `influcoder finetune CONFIG`"):
+        run_local(cfg, progress=False)
+    finetune(cfg, progress=False)
+    m = GradStore.open(run_local(cfg, progress=False).store).manifest
+    assert m["model"]["target"] == "finetuned" and m["model"]["adapter"]["path"] == str(adapter_path(cfg))
+    assert m["a_gradients"] == "included" and len(m["model"]["adapter"]["sha256"]) == 64
+    assert any(k.endswith(".A") for k in m["modules"])
