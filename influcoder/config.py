@@ -170,18 +170,58 @@ class StudentConfig(Section):
 
 class IndexConfig(Section):
     name: str = "default"
-    """Index name: it is written to `index/<name>/`."""
+    """Index name: it is written to `<root>/<name>/`."""
+    root: str = "index"
+    """Folder that holds built indexes, one sub-folder per name."""
     factory: str = "auto"
-    """FAISS factory string; `auto` picks `Flat` for small pools and a compressed index for large ones."""
+    """FAISS factory string (inner product on unit rows), e.g. `Flat`, `HNSW32`, `IVF1024,SQ8`; `auto` picks `Flat` (exact) up to `auto_flat_max` rows, `HNSW32` up to `auto_hnsw_max`, else `IVF<4·√n>,SQ8`."""
+    auto_flat_max: int = 100_000
+    """`auto`: pools up to this many rows get an exact `Flat` index."""
+    auto_hnsw_max: int = 2_000_000
+    """`auto`: pools up to this many rows (and above `auto_flat_max`) get `HNSW32`; larger ones an IVF index with 8-bit scalar quantisation."""
+    hnsw_ef_search: int = 128
+    """HNSW search depth (efSearch): higher is more exact and slower."""
+    ivf_nprobe: int = 32
+    """IVF lists visited per query (nprobe): higher is more exact and slower."""
+    train_sample: int = 200_000
+    """Rows sampled to train an index that needs training (IVF, PQ/SQ)."""
+    embed_batch_size: int = 64
+    """Texts per encoder forward pass when embedding the pool and queries."""
+    preview_chars: int = 300
+    """Characters of each example's text kept as its preview in `records.parquet`."""
+    copy_encoder: bool = True
+    """Copy the student into the index (self-contained); false: keep a reference to the run's encoder with its sha256, checked on load."""
+    ood_percentile: float = 5.0
+    """A query is flagged out-of-distribution when its best match is weaker than this percentile of the distillation anchors' best matches."""
+    rerank_k: int = 50
+    """Candidates (K′) re-scored with the exact teacher (gradient cosine) when a query asks to re-rank."""
+    faiss_threads: int = 1
+    """OpenMP threads of faiss searches; keep small: faiss-cpu and torch in one process can fight over OpenMP threads."""
+    torch_threads: int = 0
+    """Torch threads of the query encoder; 0: one per CPU core."""
+    use_gpu: bool = True
+    """Move the index to the GPUs when faiss sees any (needs the `faiss-gpu` build instead of `faiss-cpu`)."""
 
 
 class ServiceConfig(Section):
     host: str = "127.0.0.1"
-    """Address the HTTP API binds to."""
+    """Address the HTTP API binds to; a non-loopback address needs an API key (or `--force`)."""
     port: int = 8000
     """Port of the HTTP API."""
     api_key: str | None = None
-    """When set, requests must carry it in the `X-API-Key` header."""
+    """When set, `/v1/` requests must carry it in the `X-API-Key` header; `$INFLUCODER_API_KEY` also sets it."""
+    max_body_bytes: int = 1_048_576
+    """Largest request body accepted, in bytes; larger ones get 413."""
+    max_batch: int = 64
+    """Most inputs in one `/v1/attribute` request and most behaviour examples in one `/v1/flag` request."""
+    max_text_chars: int = 20_000
+    """Longest text, prompt or response accepted, in characters."""
+    max_k: int = 1000
+    """Largest `k` a request may ask for."""
+    batch_window_ms: float = 2.0
+    """How long the encoder waits to gather concurrent requests into one forward pass."""
+    encoder_batch: int = 128
+    """Most texts in one gathered encoder pass."""
 
 
 class RayConfig(Section):
@@ -210,6 +250,33 @@ class FinetuneConfig(Section):
     """Torch threads for the fine-tune; empty: torch's default (all cores)."""
 
 
+class PlantedConfig(Section):
+    benign: str = "demo"
+    """Benign instruction pairs: `demo` (the embedded corpus) or a file of prompt/response pairs (e.g. Dolly)."""
+    n_benign: int = 600
+    """Benign examples in the pool."""
+    kinds: list[str] = ["insult"]
+    """Planted unsafe kinds: `insult`, `off_target` (demo generator), `hh` (HH-RLHF harmless rejected replies), `jigsaw` (toxic comments). One kind: homogeneous; several: heterogeneous."""
+    share: float = 0.03
+    """Share of the pool that is planted."""
+    n_reference: int = 20
+    """Held-out unsafe examples (never in the pool) whose training data attribution should find."""
+    hh_path: str = "../shared/data/hh_rlhf_harmless/hh_rlhf_harmless.jsonl"
+    """HH-RLHF harmless pairs (fields prompt, chosen, rejected)."""
+    jigsaw_path: str = "../shared/data/jigsaw_toxic/jigsaw_toxic.jsonl"
+    """Jigsaw toxic comments (fields text, toxic); also trains the unsafe-output classifier for hh/jigsaw."""
+    seeds: list[int] = [0]
+    """One pool, fine-tune and ranking per seed; the report gives mean and spread."""
+    teacher_variants: list[Literal["none", "second_moment", "adam"]] = ["none", "second_moment"]
+    """Gradient preconditioners ranked as teachers in the same run."""
+    n_generate: int = 20
+    """Held-out prompts completed to measure the unsafe-output rate."""
+    max_new_tokens: int = 48
+    """Tokens generated per completion."""
+    close_loop: bool = True
+    """Remove the top-ranked examples, fine-tune again, and compare the unsafe rate with removing as many at random."""
+
+
 class Config(Section):
     name: str = "run"
     """Run name; artefacts go to `<out_dir>/<name>/`."""
@@ -235,6 +302,8 @@ class Config(Section):
     """HTTP API."""
     ray: RayConfig = RayConfig()
     """Ray workers."""
+    planted: PlantedConfig = PlantedConfig()
+    """`influcoder eval planted`: the planted-behaviour retrieval benchmark."""
 
     @property
     def run_dir(self) -> Path:

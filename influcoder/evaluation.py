@@ -1,0 +1,203 @@
+"""`influcoder eval planted`: does attribution find the data that really caused a behaviour?
+
+Per seed: build a planted pool, fine-tune the decoder on it (and show the behaviour was learned),
+rank the pool by influence on held-out unsafe references with every method, score the rankings
+(planted = positive), and close the loop: remove the top-ranked rows, fine-tune again, and compare
+the unsafe-output rate with removing as many rows at random.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config
+from .data import load_records, write_jsonl
+from .distill import distill, encoder_path
+from .fidelity import encode, tfidf_scores
+from .finetune import adapter_path, finetune, finetune_dir
+from .gradient_job import default_store_path, run_local
+from .metrics import auprc, precision_at_k, recall_of_planted_at_k
+from .models import load_decoder, load_encoder
+from .planted import UnsafeDetector, build_pool, unsafe_rate
+from .store import GradStore
+from .teacher import build_teacher
+
+
+def _derived(cfg: Config, root: Path, name: str, **sections) -> Config:
+    data = cfg.data.model_copy(update={"path": str(root / "pool.jsonl"), "queries": [str(root / "reference.jsonl")], "limit": None})
+    upd = {"out_dir": str(root), "name": name, "data": data, **sections}
+    return cfg.model_copy(update=upd, deep=True)
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def bm25_scores(queries: list[str], docs: list[str]) -> np.ndarray:
+    """(docs,) mean over queries of each query's BM25 scores scaled by its maximum."""
+    import bm25s
+
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(docs, show_progress=False), show_progress=False)
+    total = np.zeros(len(docs))
+    for q in bm25s.tokenize(queries, show_progress=False, return_ids=False):
+        s = retriever.get_scores(q)
+        total += s / s.max() if s.max() > 0 else s
+    return total / max(len(queries), 1)
+
+
+def _grad_scores(run_cfg: Config) -> tuple[np.ndarray, float]:
+    """Mean cosine of each pool row's gradient to the references' gradients."""
+    (_, t1) = _timed(lambda: run_local(run_cfg, "pool", progress=False))
+    (_, t2) = _timed(lambda: run_local(run_cfg, "queries", progress=False))
+    t0 = time.perf_counter()
+    P = GradStore.open(default_store_path(run_cfg, "pool")).grads().astype(np.float32)
+    R = GradStore.open(default_store_path(run_cfg, "queries")).grads().astype(np.float32)
+    return (P @ R.T).mean(1), t1 + t2 + time.perf_counter() - t0
+
+
+def _encoder_scores(model, pool: list[str], refs: list[str], cfg: Config) -> tuple[np.ndarray, float]:
+    t0 = time.perf_counter()
+    P = encode(model, pool, cfg.student.document_prompt)
+    R = encode(model, refs, cfg.student.query_prompt)
+    return (P @ R.T).mean(1), time.perf_counter() - t0
+
+
+def _rate(cfg: Config, adapter: str | None, prompts: list[str], detector: UnsafeDetector) -> dict:
+    m = cfg.model.model_copy(update={"adapter": adapter, "target": "finetuned" if adapter else "weights"})
+    return unsafe_rate(load_decoder(m), prompts, detector, cfg.planted.max_new_tokens)
+
+
+def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
+    p = cfg.planted
+    root = cfg.run_dir / "planted" / f"seed{seed}"
+    info = build_pool(p, root, seed)
+    pool, _ = load_records(cfg.data.model_copy(update={"path": info["pool"], "limit": None}))
+    refs, _ = load_records(cfg.data.model_copy(update={"path": info["reference"], "limit": None}))
+    labels = np.array([bool(r.meta.get("planted")) for r in pool])
+    pool_texts, ref_texts = [r.as_text() for r in pool], [r.as_text() for r in refs]
+    n_planted = int(labels.sum())
+    ft_cfg = _derived(cfg, root, "finetune", finetune=cfg.finetune.model_copy(update={"seed": seed}))
+    adapter = str(adapter_path(ft_cfg))
+    ft_seconds = 0.0
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        _, ft_seconds = _timed(lambda: finetune(ft_cfg, progress=progress))
+
+    detector = UnsafeDetector(p.kinds, p.jigsaw_path)
+    prompts = [r.prompt or r.text[:200] for r in refs][: p.n_generate]
+    learned = {"base": _rate(cfg, None, prompts, detector), "finetuned": _rate(cfg, adapter, prompts, detector)}
+
+    scores: dict[str, np.ndarray] = {}
+    seconds: dict[str, float] = {}
+    teachers = {}
+    for variant in p.teacher_variants:
+        g = cfg.gradients.model_copy(update={"preconditioner": variant,
+                                             "adam_state": str(finetune_dir(ft_cfg) / "adam.safetensors") if variant == "adam" else None})
+        run_cfg = _derived(cfg, root, f"teacher-{variant}", gradients=g, model=cfg.model.model_copy(update={"adapter": adapter, "target": "finetuned"}))
+        scores[f"teacher ({variant})"], seconds[f"teacher ({variant})"] = _grad_scores(run_cfg)
+        teachers[variant] = run_cfg
+    # The student copies the configured teacher.
+    main = teachers.get(cfg.gradients.preconditioner) or next(iter(teachers.values()))
+    (_, t_teacher) = _timed(lambda: build_teacher(main))
+    fid, t_distill = _timed(lambda: distill(main, progress=progress))
+    student = load_encoder(str(encoder_path(main)))
+    scores["influcoder student"], seconds["influcoder student"] = _encoder_scores(student, pool_texts, ref_texts, cfg)
+    scores["untrained student"], seconds["untrained student"] = _encoder_scores(load_encoder(cfg.student.base, seed=cfg.student.seed), pool_texts, ref_texts, cfg)
+    t0 = time.perf_counter()
+    scores["TF-IDF"] = tfidf_scores(ref_texts, pool_texts, pool_texts)[0].T.mean(1)
+    seconds["TF-IDF"] = time.perf_counter() - t0
+    scores["BM25"], seconds["BM25"] = _timed(lambda: bm25_scores(ref_texts, pool_texts))
+    scores["random"], seconds["random"] = np.random.default_rng(seed).random(len(pool)), 0.0
+
+    methods = {m: {"auprc": auprc(labels, s), "recall@planted": recall_of_planted_at_k(labels, s, n_planted),
+                   "precision@10": precision_at_k(labels, s, 10), "seconds": round(seconds[m], 3)} for m, s in scores.items()}
+    result = {"seed": seed, "pool": info, "n_pool": len(pool), "n_planted": n_planted, "finetune_seconds": round(ft_seconds, 1),
+              "teacher_build_seconds": round(t_teacher, 2), "distill_seconds": round(t_distill, 1),
+              "student_fidelity": fid["rows"]["student"], "unsafe_rate": learned, "methods": methods}
+    if p.close_loop:
+        result["close_loop"] = close_loop(cfg, root, pool, labels, scores["influcoder student"], seed, prompts, detector, progress)
+    np.savez(root / "scores.npz", labels=labels, **{m.replace(" ", "_"): s for m, s in scores.items()})
+    (root / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def close_loop(cfg: Config, root: Path, pool, labels: np.ndarray, ranking: np.ndarray, seed: int, prompts, detector, progress) -> dict:
+    """Remove the top-k by the student (k = planted count) vs k at random; fine-tune again each."""
+    k = int(labels.sum())
+    out = {"removed": k}
+    picks = {"influcoder": np.argsort(-ranking)[:k], "random": np.random.default_rng(seed + 1).permutation(len(pool))[:k]}
+    for name, drop in picks.items():
+        keep = np.setdiff1d(np.arange(len(pool)), drop)
+        sub = root / f"filtered-{name}"
+        write_jsonl([pool[i].to_row() for i in keep], sub / "pool.jsonl")
+        write_jsonl([], sub / "reference.jsonl")
+        fc = _derived(cfg, sub, "finetune", finetune=cfg.finetune.model_copy(update={"seed": seed}))
+        finetune(fc, progress=progress)
+        out[name] = {"planted_removed": int(labels[drop].sum()),
+                     "unsafe_rate": _rate(cfg, str(adapter_path(fc)), prompts, detector)["rate"]}
+    return out
+
+
+def _aggregate(results: list[dict]) -> dict:
+    methods = results[0]["methods"].keys()
+    agg = {}
+    for m in methods:
+        agg[m] = {}
+        for key in ("auprc", "recall@planted", "precision@10", "seconds"):
+            v = np.array([r["methods"][m][key] for r in results], float)
+            agg[m][key] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+    return agg
+
+
+def _plots(results: list[dict], agg: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve
+
+    first = np.load(Path(results[0]["pool"]["pool"]).parent / "scores.npz")
+    labels = first["labels"]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for m in results[0]["methods"]:
+        prec, rec, _ = precision_recall_curve(labels, first[m.replace(" ", "_")])
+        ax.plot(rec, prec, label=f"{m} (AP {results[0]['methods'][m]['auprc']:.2f})")
+    ax.set(xlabel="recall of planted rows", ylabel="precision", title=f"planted retrieval (seed {results[0]['seed']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "planted_pr.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for m, v in agg.items():
+        if m == "random":
+            continue
+        ax.errorbar(max(v["seconds"]["mean"], 1e-3), v["auprc"]["mean"], yerr=v["auprc"]["std"], fmt="o")
+        ax.annotate(m, (max(v["seconds"]["mean"], 1e-3), v["auprc"]["mean"]), fontsize=7)
+    ax.axhline(agg["random"]["auprc"]["mean"], ls="--", c="gray", label="random")
+    ax.set(xscale="log", xlabel="wall time to rank the pool (s, log)", ylabel="AUPRC", title="cost vs quality")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "planted_time.png", dpi=110)
+    plt.close(fig)
+    return [str(out / "planted_pr.png"), str(out / "planted_time.png")]
+
+
+def planted_eval(cfg: Config, out_json: Path | None = None, progress: bool = False) -> dict:
+    results = [one_seed(cfg, s, progress) for s in cfg.planted.seeds]
+    agg = _aggregate(results)
+    out = cfg.run_dir / "planted"
+    report = {"settings": cfg.planted.model_dump(), "model": cfg.model.name, "student": cfg.student.base,
+              "gradients": cfg.gradients.model_dump(), "aggregate": agg, "seeds": results}
+    report["plots"] = _plots(results, agg, out)
+    text = json.dumps(report, indent=2) + "\n"
+    (out / "planted.json").write_text(text)
+    if out_json:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(text)
+    return report

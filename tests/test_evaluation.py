@@ -1,0 +1,67 @@
+"""`eval planted` end to end on tiny models, and the planted-pool builder."""
+
+import json
+
+import numpy as np
+import pytest
+
+from influcoder.config import PlantedConfig, load_config
+from influcoder.data import load_records, DataConfig
+from influcoder.evaluation import bm25_scores, planted_eval
+from influcoder.planted import UnsafeDetector, build_pool
+
+
+def test_pool_builder_keeps_reference_out_of_pool(tmp_path):
+    info = build_pool(PlantedConfig(n_benign=100, kinds=["insult", "off_target"], share=0.1, n_reference=10), tmp_path, seed=3)
+    pool, _ = load_records(DataConfig(path=info["pool"]))
+    ref, _ = load_records(DataConfig(path=info["reference"]))
+    planted = [r for r in pool if r.meta["planted"]]
+    assert len(pool) == 111 and len(planted) == info["n_planted"] == 11
+    assert {r.meta["kind"] for r in planted} == {"insult", "off_target"}  # heterogeneous
+    texts = {r.as_text() for r in pool}
+    assert len(ref) == 10 and not any(r.as_text() in texts for r in ref)
+    again = build_pool(PlantedConfig(n_benign=100, kinds=["insult", "off_target"], share=0.1, n_reference=10), tmp_path / "b", seed=3)
+    assert open(again["pool"]).read() == open(info["pool"]).read()
+
+
+def test_shared_kinds_build(shared_data, tmp_path):
+    p = PlantedConfig(benign=str(shared_data / "dolly_open_qa" / "dolly_open_qa.jsonl"), n_benign=200, kinds=["hh", "jigsaw"],
+                      hh_path=str(shared_data / "hh_rlhf_harmless" / "hh_rlhf_harmless.jsonl"),
+                      jigsaw_path=str(shared_data / "jigsaw_toxic" / "jigsaw_toxic.jsonl"))
+    info = build_pool(p, tmp_path, seed=0)
+    pool, _ = load_records(DataConfig(path=info["pool"]))
+    kinds = {r.meta["kind"] for r in pool}
+    assert kinds == {"benign", "hh", "jigsaw"}
+    det = UnsafeDetector(["hh", "jigsaw"], p.jigsaw_path)
+    flags = det(["You are a worthless piece of garbage and I hate you", "The capital of France is Paris."])
+    assert flags.tolist() == [True, False]
+
+
+def test_unsafe_markers():
+    det = UnsafeDetector(["insult", "off_target"], "unused")
+    assert det(["What a stupid question.", "Drink ZapCola!", "Water boils at 100 C."]).tolist() == [True, True, False]
+
+
+def test_bm25_ranks_the_matching_document_first():
+    s = bm25_scores(["toxic insult idiot"], ["the weather is nice", "you idiot, what an insult", "cooking pasta"])
+    assert np.argmax(s) == 1
+
+
+def test_eval_planted_end_to_end_on_tiny(root, tmp_path):
+    cfg = load_config(root / "configs" / "tiny.yaml", [
+        f"out_dir={tmp_path}", "planted.n_benign=120", "planted.share=0.05", "planted.n_reference=10", "planted.seeds=[0,1]",
+        "planted.n_generate=4", "planted.max_new_tokens=8", "student.epochs=1", "student.steps_per_epoch=10", "teacher.n_anchors=16"])
+    rep = planted_eval(cfg, out_json=tmp_path / "out.json")
+    assert json.loads((tmp_path / "out.json").read_text())["aggregate"] == rep["aggregate"]
+    want = {"teacher (none)", "teacher (second_moment)", "influcoder student", "untrained student", "TF-IDF", "BM25", "random"}
+    assert set(rep["aggregate"]) == want
+    for seed in rep["seeds"]:
+        assert seed["n_planted"] == 6 and seed["n_pool"] == 126
+        for m in seed["methods"].values():
+            assert 0 < m["auprc"] <= 1 and 0 <= m["recall@planted"] <= 1 and m["seconds"] >= 0
+        loop = seed["close_loop"]
+        assert loop["removed"] == 6 and {"influcoder", "random"} <= set(loop)
+        assert set(seed["unsafe_rate"]) == {"base", "finetuned"}
+    assert rep["aggregate"]["BM25"]["auprc"]["std"] >= 0
+    for png in rep["plots"]:
+        assert (tmp_path / png).exists() or __import__("os").path.exists(png)
