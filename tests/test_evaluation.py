@@ -65,3 +65,17 @@ def test_eval_planted_end_to_end_on_tiny(root, tmp_path):
     assert rep["aggregate"]["BM25"]["auprc"]["std"] >= 0
     for png in rep["plots"]:
         assert (tmp_path / png).exists() or __import__("os").path.exists(png)
+
+
+def test_report_gathers_results_into_one_page(root, tmp_path):
+    from influcoder.report import write_report
+
+    cfg = load_config(root / "configs" / "tiny.yaml", [
+        f"out_dir={tmp_path}", "planted.n_benign=60", "planted.share=0.05", "planted.n_reference=6", "planted.close_loop=false",
+        "planted.n_generate=2", "planted.max_new_tokens=4", "student.epochs=1", "student.steps_per_epoch=5", "teacher.n_anchors=8"])
+    planted_eval(cfg)
+    page = write_report(cfg.run_dir).read_text()
+    assert "Planted-behaviour retrieval" in page and page.count("data:image/png;base64,") == 2
+    assert "influcoder student" in page and "BM25" in page
+    with pytest.raises(FileNotFoundError, match="nothing|no fidelity"):
+        write_report(tmp_path / "empty")

@@ -1,0 +1,81 @@
+"""`influcoder eval report RUN_DIR`: one self-contained HTML page of a run's results for humans:
+fidelity, planted retrieval, cost, with their plots embedded."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}" style="max-width:100%">'
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fidelity(run: Path) -> str:
+    f = json.loads((run / "fidelity.json").read_text())
+    k = next(key for key in f["rows"]["student"] if key.startswith("recall@"))
+    rows = [[name, r["per_anchor_spearman"], r["aggregated_spearman"], r[k], r["ms_per_sample"]] for name, r in f["rows"].items()]
+    s = f["sizes"]
+    out = (f"<h2>Student fidelity to the teacher</h2><p>Held-out block: {s['eval_anchors']} anchors × {s['eval_pool']} pool rows, "
+           f"never trained on; student trained on {s['train_anchors']} × {s['train_pool']}. Best epoch {f['best_epoch']}.</p>")
+    out += _table(["encoder", "per-anchor ρ", "aggregated ρ", k, "ms / sample"], rows)
+    return out + (_img(run / "fidelity.png") if (run / "fidelity.png").exists() else "")
+
+
+def _planted(path: Path) -> str:
+    p = json.loads(path.read_text())
+    agg = p["aggregate"]
+    n = len(p["seeds"])
+
+    def ms(v):
+        return f"{v['mean']:.3f} ± {v['std']:.3f}" if n > 1 else f"{v['mean']:.3f}"
+
+    rows = [[m, ms(v["auprc"]), ms(v["recall@planted"]), ms(v["precision@10"]), f"{v['seconds']['mean']:.2f}"] for m, v in agg.items()]
+    s0 = p["seeds"][0]
+    out = (f"<h2>Planted-behaviour retrieval</h2><p>{s0['n_planted']} planted of {s0['n_pool']} ({', '.join(p['settings']['kinds'])}), "
+           f"{n} seed(s); mean ± std over seeds. Unsafe-output rate (seed {s0['seed']}): base {s0['unsafe_rate']['base']['rate']:.2f}, "
+           f"fine-tuned {s0['unsafe_rate']['finetuned']['rate']:.2f}.</p>")
+    out += _table(["method", "AUPRC", "recall@planted", "precision@10", "seconds"], rows)
+    loops = [s["close_loop"] for s in p["seeds"] if "close_loop" in s]
+    if loops:
+        out += "<h3>Closing the loop</h3>" + _table(
+            ["seed", "removed", "planted removed (influcoder)", "unsafe rate after (influcoder)", "planted removed (random)", "unsafe rate after (random)"],
+            [[s["seed"], c["removed"], c["influcoder"]["planted_removed"], c["influcoder"]["unsafe_rate"], c["random"]["planted_removed"], c["random"]["unsafe_rate"]]
+             for s, c in zip(p["seeds"], loops)])
+    return out + "".join(_img(Path(x)) for x in p.get("plots", []) if Path(x).exists())
+
+
+def write_report(run: str | Path) -> Path:
+    run = Path(run)
+    parts = []
+    if (run / "fidelity.json").exists():
+        parts.append(_fidelity(run))
+    planted = run / "planted" / "planted.json"
+    if planted.exists():
+        parts.append(_planted(planted))
+    for bench in sorted(run.glob("bench*.json")):
+        parts.append(f"<h2>{html.escape(bench.stem)}</h2><pre>{html.escape(bench.read_text())}</pre>")
+    if not parts:
+        raise FileNotFoundError(f"{run}: no fidelity.json, planted/planted.json or bench*.json to report")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>influcoder report: {html.escape(run.name)}</title>"
+            f"<style>{style}</style></head><body><h1>influcoder report: {html.escape(str(run))}</h1>{''.join(parts)}</body></html>")
+    out = run / "report.html"
+    tmp = run / "report.html.part"
+    tmp.write_text(page)
+    tmp.replace(out)
+    return out
