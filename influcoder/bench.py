@@ -2,11 +2,13 @@
 
 `gradient_bench`: the batched-hook engine vs one-example-at-a-time autograd (the LESS-style loop),
 and vs the floor (a plain forward + backward of the same batches with no per-example work), on the
-same model, examples and thread count.
+same model, examples and thread count. `worker_scaling_bench`: the Ray gradient job at 1, 2, …
+workers on the same pool.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
 import time
@@ -94,4 +96,36 @@ def gradient_bench(cfg: Config, n: int = 32, progress: bool = True) -> dict:
         "speedup_hooks_vs_loop": round(results["loop_autograd"]["seconds"] / results["batched_hooks"]["seconds"], 3),
         "hooks_vs_floor": round(results["batched_hooks"]["seconds"] / results["floor_forward_backward"]["seconds"], 3),
         "min_cosine_hooks_vs_loop": float(cos.min()),
+    }
+
+
+def worker_scaling_bench(cfg: Config, counts: list[int], n: int | None = None, progress: bool = True) -> dict:
+    """Ray gradient-job throughput at each worker count, each on a fresh store of the same pool, in one
+    Ray instance (its start-up is not what is measured); ratios are against the first count.
+    `examples_per_s` counts from the moment every worker has its model loaded to the last shard."""
+    import tempfile
+
+    import ray
+
+    from .ray_jobs import init_ray, run_ray
+
+    if n:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"limit": n})})
+    with tempfile.TemporaryDirectory(prefix="influcoder-bench-") as tmp:
+        cfg = cfg.model_copy(update={"out_dir": tmp})
+        started = init_ray(cfg.ray, min_cpus=int(max(counts) * cfg.ray.num_cpus_per_worker))
+        runs: dict[str, dict] = {}
+        try:
+            for k in counts:
+                s = run_ray(cfg, "pool", f"{tmp}/grads-{k}.zarr", progress, num_workers=k).as_dict()
+                runs[str(k)] = {key: s[key] for key in ("workers", "rows", "shards", "seconds", "examples_per_s", "tokens_per_s", "wall_seconds")}
+        finally:
+            if started:
+                ray.shutdown()
+    base = runs[str(counts[0])]["examples_per_s"]
+    return {
+        "model": cfg.model.name, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "torch_threads_per_worker": cfg.gradients.torch_threads, "batch_size": cfg.gradients.batch_size,
+        "shard_size": cfg.gradients.shard_size, "rows": runs[str(counts[0])]["rows"], "runs": runs,
+        "throughput_ratio": {f"{k}_vs_{counts[0]}": round(runs[str(k)]["examples_per_s"] / base, 3) if base else None for k in counts[1:]},
     }

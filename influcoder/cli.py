@@ -27,6 +27,10 @@ app.add_typer(config_app, name="config")
 bench_app = typer.Typer(help="Benchmarks: each prints ratios against a baseline run in the same process.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
+submit_app = typer.Typer(help="Send a job to a Ray cluster through the Ray Jobs API (the working dir travels with it).", no_args_is_help=True)
+jobs_app = typer.Typer(help="Follow and stop jobs sent with `influcoder submit`.", no_args_is_help=True)
+app.add_typer(submit_app, name="submit")
+app.add_typer(jobs_app, name="jobs")
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML run config (see `influcoder config template`).")]
 SetOpt = Annotated[list[str], typer.Option("--set", help="Override a config key: --set gradients.dim=4096 (repeatable).")]
@@ -112,31 +116,165 @@ def gradients(
     config: ConfigArg,
     set_: SetOpt = [],
     split: Annotated[str, typer.Option(help="`pool` (data.path) or `queries` (every file in data.queries).")] = "pool",
-    out: Annotated[Optional[Path], typer.Option(help="Store folder; default <run>/grads.zarr (pool) or <run>/grads-<split>.zarr.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Store folder or fsspec URL (file://, s3://…); default <run>/grads.zarr (pool) or <run>/grads-<split>.zarr.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    workers: Annotated[Optional[int], typer.Option(help="Worker actors; default ray.num_workers, else one per GPU, else one per CPU core. 0: one process, no Ray (debugging).")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (auto, HEAD:6379); default ray.address, else $RAY_ADDRESS, else a new local Ray.")] = None,
 ) -> None:
-    """Compute per-example LoRA gradients (sketched, normalised) into a resumable zarr store.
+    """Compute per-example LoRA gradients (sketched, normalised) into a resumable zarr store, on Ray workers.
 
-    A rerun skips finished shards; an interrupted run resumes where it stopped."""
-    from .gradient_job import run_local
+    A rerun skips finished shards; an interrupted run resumes where it stopped. A worker that dies
+    has its shard redone by another. To run on a cluster, see `influcoder submit gradients`."""
+    from .ray_jobs import run_job
 
-    cfg = load_config(config, set_)
-    summary = run_local(cfg, split, out, progress)
-    print(json.dumps(summary.as_dict(), indent=2))
+    summary = run_job(load_config(config, set_), split, out, progress, num_workers=workers, address=address)
+    d = summary.as_dict()
+    console.print(f"[green]done:[/] {d['rows']} rows in {d['shards']} shards ({d['shards_run']} computed now"
+                  + (f", {d['retries']} retried" if "retries" in d else "") + f"), {d['examples_per_s']} examples/s, "
+                  f"{d['tokens_per_s']} tokens/s → {d['store']}")
+    print(json.dumps(d, indent=2))
+
+
+# --- cluster jobs -------------------------------------------------------------------------------
+
+AddressOpt = Annotated[Optional[str], typer.Option(help="Ray dashboard (Jobs API) address, e.g. http://HEAD:8265; default $RAY_ADDRESS, else http://127.0.0.1:8265.")]
+JobIdArg = Annotated[str, typer.Argument(help="Job id printed by `influcoder submit` (or `ray job list`).")]
+
+
+def _submit(kind: str, config: Path, set_: list[str], args: list[str], address: Optional[str], working_dir: Path,
+            exclude: list[str], python: str, job_id: Optional[str], wait: bool) -> None:
+    from . import ray_submit
+
+    cfg = load_config(config, set_)  # a bad config fails here, not minutes later on the cluster
+    out = args[args.index("--out") + 1] if "--out" in args else None
+    for what, p in (("out_dir", cfg.out_dir), ("--out", out)):
+        if p and "://" not in p and not Path(p).is_absolute():
+            console.print(f"[yellow]warning:[/] {what}={p!r} is relative: on the cluster it lands in the job's temporary "
+                          "working dir; give an absolute shared path or a URL to keep the results")
+    args = [*args, *(f"--set={s}" for s in set_)]
+    jid = ray_submit.submit(address, kind, config, args, working_dir, exclude, python, job_id)
+    console.print(f"submitted [bold]{jid}[/]; follow it with `influcoder jobs logs {jid}" + (f" --address {address}`" if address else "`"))
+    print(jid)
+    if wait:
+        status = ray_submit.follow(address, jid)
+        console.print(f"job {jid}: [{'green' if status == 'SUCCEEDED' else 'red'}]{status}[/]")
+        if status != "SUCCEEDED":
+            raise typer.Exit(1)
+
+
+WorkDirOpt = Annotated[Path, typer.Option(help="Folder uploaded as the job's working dir: the influcoder checkout (needs influcoder/ and jobs/).")]
+ExcludeOpt = Annotated[list[str], typer.Option("--exclude", help="Extra gitignore-style pattern not to upload (repeatable); .venv, .git, runs/, index contents are never sent.")]
+PythonOpt = Annotated[str, typer.Option(help="Python executable on the cluster that runs the job.")]
+JobIdOpt = Annotated[Optional[str], typer.Option("--job-id", help="Job id to use instead of a generated one.")]
+WaitOpt = Annotated[bool, typer.Option("--wait", help="Stream the job's logs until it ends; exit 1 unless it SUCCEEDED.")]
+WorkersOpt = Annotated[Optional[int], typer.Option(help="Worker actors on the cluster; default ray.num_workers, else one per GPU, else one per CPU.")]
+
+
+@submit_app.command("gradients")
+def submit_gradients(
+    config: ConfigArg,
+    address: AddressOpt = None,
+    set_: SetOpt = [],
+    split: Annotated[str, typer.Option(help="`pool` or `queries`.")] = "pool",
+    out: Annotated[Optional[str], typer.Option(help="Store path or fsspec URL as the cluster sees it (a shared path, s3://…); default <run>/grads.zarr.")] = None,
+    workers: WorkersOpt = None,
+    working_dir: WorkDirOpt = Path("."),
+    exclude: ExcludeOpt = [],
+    python: PythonOpt = "python",
+    job_id: JobIdOpt = None,
+    wait: WaitOpt = False,
+) -> None:
+    """Submit the gradient job (`python -m jobs.gradients`) to a Ray cluster through the Ray Jobs API.
+
+    The working dir is uploaded, so the cluster runs this checkout's code; outputs are written where
+    the cluster sees `out_dir` / `--out` (use an absolute shared path or a URL)."""
+    args = ["--split", split]
+    args += ["--out", out] if out else []
+    args += ["--workers", str(workers)] if workers is not None else []
+    _submit("gradients", config, set_, args, address, working_dir, exclude, python, job_id, wait)
+
+
+@submit_app.command("embed")
+def submit_embed(
+    config: ConfigArg,
+    encoder: Annotated[str, typer.Option(help="Sentence-transformers folder or name, as the cluster sees it.")],
+    out: Annotated[str, typer.Option(help="Embedding store path or fsspec URL, as the cluster sees it.")],
+    address: AddressOpt = None,
+    set_: SetOpt = [],
+    prompt: Annotated[str, typer.Option(help="Prompt prepended to every text.")] = "",
+    workers: WorkersOpt = None,
+    working_dir: WorkDirOpt = Path("."),
+    exclude: ExcludeOpt = [],
+    python: PythonOpt = "python",
+    job_id: JobIdOpt = None,
+    wait: WaitOpt = False,
+) -> None:
+    """Submit the embedding job (`python -m jobs.embed`): the pool's texts → an (n, dim) zarr array + ids."""
+    args = ["--encoder", encoder, "--out", out, "--prompt", prompt]
+    args += ["--workers", str(workers)] if workers is not None else []
+    _submit("embed", config, set_, args, address, working_dir, exclude, python, job_id, wait)
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: JobIdArg, address: AddressOpt = None) -> None:
+    """Print a job's status, message, entrypoint and times as JSON."""
+    from . import ray_submit
+
+    print(json.dumps(ray_submit.status(address, job_id), indent=2, default=str))
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: JobIdArg, address: AddressOpt = None,
+              follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends.")] = False) -> None:
+    """Print a job's logs (driver output: progress, summary, errors)."""
+    from . import ray_submit
+
+    if follow:
+        ray_submit.follow(address, job_id, out=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+    else:
+        print(ray_submit.logs(address, job_id), end="")
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: JobIdArg, address: AddressOpt = None) -> None:
+    """Stop a running job (its finished shards stay; a rerun resumes)."""
+    from . import ray_submit
+
+    stopped = ray_submit.stop(address, job_id)
+    console.print(f"job {job_id}: {'stop requested' if stopped else 'was not running'}")
+
+
+@jobs_app.command("list")
+def jobs_list(address: AddressOpt = None) -> None:
+    """List the cluster's jobs as JSON."""
+    from . import ray_submit
+
+    print(json.dumps(ray_submit.list_jobs(address), indent=2, default=str))
 
 
 @bench_app.command("gradients")
 def bench_gradients(
     config: Annotated[Optional[Path], typer.Argument(help="Run config; default configs/demo.yaml settings (SmolLM2-135M).")] = None,
     set_: SetOpt = [],
-    n: Annotated[int, typer.Option(help="Examples to time (the first n of the pool).")] = 32,
+    n: Annotated[Optional[int], typer.Option(help="Examples to time (the first n of the pool); default 32, or the whole pool with --workers.")] = None,
+    workers: Annotated[Optional[str], typer.Option(help="Worker counts to compare, e.g. 1,2: runs the Ray gradient job at each on a fresh store and prints throughput ratios against the first.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results to this JSON file.")] = None,
 ) -> None:
-    """Batched hooks vs one-example-at-a-time autograd vs a plain forward+backward, same model and data."""
-    from .bench import gradient_bench
-
+    """Batched hooks vs one-example-at-a-time autograd vs a plain forward+backward, same model and data;
+    with --workers, Ray job throughput at each worker count instead."""
     cfg = load_config(config, set_)
-    res = gradient_bench(cfg, n)
+    if workers:
+        from .bench import worker_scaling_bench
+
+        try:
+            counts = [int(x) for x in workers.split(",") if x.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"--workers {workers!r}: expected comma-separated counts such as 1,2") from None
+        res = worker_scaling_bench(cfg, counts, n)
+    else:
+        from .bench import gradient_bench
+
+        res = gradient_bench(cfg, n or 32)
     text = json.dumps(res, indent=2)
     print(text)
     if json_out:
@@ -144,20 +282,45 @@ def bench_gradients(
         json_out.write_text(text + "\n")
 
 
+# Stages after the gradients, the index and the API live in their own modules.
+from .cli_index import index_app, query, serve  # noqa: E402
+from .cli_stages import demo_cmd, distill_cmd, eval_app, finetune_cmd, teacher_cmd  # noqa: E402
+
+app.command("finetune")(finetune_cmd)
+app.command("teacher")(teacher_cmd)
+app.command("distill")(distill_cmd)
+app.add_typer(index_app, name="index")
+app.command("query")(query)
+app.command("serve")(serve)
+app.add_typer(eval_app, name="eval")
+app.command("demo")(demo_cmd)
+
+
 def main() -> None:
     from .data import DataError
     from .models import ModelError
     from .precondition import PreconditionerError
+    from .ray_submit import SubmitError
     from .store import StoreMismatch
 
     try:
         app()
-    except (ConfigError, ModelError, PreconditionerError, StoreMismatch) as e:
+    except (ConfigError, ModelError, PreconditionerError, StoreMismatch, SubmitError) as e:
         console.print(f"[red]error:[/] {e}")
         sys.exit(2)
     except DataError as e:
         console.print(f"[red]data error:[/] {e}")
         sys.exit(2)
+    except ConnectionError as e:  # the Jobs API is not reachable at --address
+        console.print(f"[red]error:[/] {e}")
+        sys.exit(2)
+    except RuntimeError as e:
+        from .ray_jobs import JobFailed  # imported late: it imports Ray
+
+        if not isinstance(e, JobFailed):
+            raise
+        console.print(f"[red]job failed:[/] {e}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

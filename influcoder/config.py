@@ -148,8 +148,8 @@ class StudentConfig(Section):
     """Pool candidates per training block."""
     hard_negative_ratio: float = 0.5
     """Share of a block's candidates drawn from the teacher's top items for its anchors; the rest are random."""
-    lr: float = 2e-5
-    """AdamW learning rate."""
+    lr: float = 1e-4
+    """AdamW learning rate (measured on the demo: 2e-5 gave held-out per-anchor ρ 0.24, 1e-4 gave 0.43)."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     warmup_ratio: float = 0.1
@@ -185,8 +185,8 @@ class IndexConfig(Section):
     """IVF lists visited per query (nprobe): higher is more exact and slower."""
     train_sample: int = 200_000
     """Rows sampled to train an index that needs training (IVF, PQ/SQ)."""
-    embed_batch_size: int = 64
-    """Texts per encoder forward pass when embedding the pool and queries."""
+    embed_batch_size: int = 0
+    """Texts per encoder forward pass (texts are sorted by length first); 0: 8 on a CPU (padding costs more than batching saves there: MiniLM over 64 Dolly answers, 24 ms/query at 8, 81–140 at 64), 64 on a GPU."""
     preview_chars: int = 300
     """Characters of each example's text kept as its preview in `records.parquet`."""
     copy_encoder: bool = True
@@ -197,8 +197,8 @@ class IndexConfig(Section):
     """Candidates (K′) re-scored with the exact teacher (gradient cosine) when a query asks to re-rank."""
     faiss_threads: int = 1
     """OpenMP threads of faiss searches; keep small: faiss-cpu and torch in one process can fight over OpenMP threads."""
-    torch_threads: int = 0
-    """Torch threads of the query encoder; 0: one per CPU core."""
+    torch_threads: int = 1
+    """Torch threads of the query encoder; 0: one per CPU core. Measured on a busy 2-core CPU: 1 thread 1.5 ms per query, 2 threads 95–170 ms (OpenMP waits); raise it only on cores the service has to itself, and scale with processes."""
     use_gpu: bool = True
     """Move the index to the GPUs when faiss sees any (needs the `faiss-gpu` build instead of `faiss-cpu`)."""
 
@@ -226,11 +226,21 @@ class ServiceConfig(Section):
 
 class RayConfig(Section):
     num_workers: int | None = None
-    """Gradient workers; default one per GPU, else one per CPU core."""
+    """Gradient workers (Ray actors); default one per GPU, else one per CPU core; 0: one process without Ray (debugging)."""
     address: str | None = None
-    """Ray address to join; empty starts a local Ray."""
+    """Ray address to join (`auto`, `HEAD:6379`); empty: `$RAY_ADDRESS` when set (as inside a Ray job), else a new local Ray."""
     temp_dir: str | None = None
-    """Ray's temp folder for a local Ray."""
+    """Ray's temp folder for a local Ray; keep it short (at most 43 characters: Ray's unix sockets live under it). Empty: Ray's default, /tmp/ray."""
+    num_cpus: int | None = None
+    """CPUs a local Ray may use; empty: every core."""
+    num_cpus_per_worker: float = 1.0
+    """CPUs reserved by each worker actor (each runs `gradients.torch_threads` torch threads)."""
+    num_gpus_per_worker: float | None = None
+    """GPUs per worker actor; empty: 1 when the cluster has GPUs (and model.device is not cpu), else 0."""
+    max_restarts: int = 3
+    """Times Ray restarts a worker actor that died (crash, OOM kill, lost node), reloading its model."""
+    max_shard_retries: int = 3
+    """Times one shard is handed out again after the worker running it died; one more loss stops the job (finished shards stay, a rerun resumes). Ray's own task retries are off so the driver alone retries and counts."""
 
 
 class FinetuneConfig(Section):
@@ -277,6 +287,37 @@ class PlantedConfig(Section):
     """Remove the top-ranked examples, fine-tune again, and compare the unsafe rate with removing as many at random."""
 
 
+class FilterConfig(Section):
+    aggregate: Literal["mean", "max", "topm"] = "mean"
+    """How an example's cosines to the behaviour examples become one score: `mean` (default; measured with MiniLM on the demo's planted insults, AUPRC 0.42 vs 0.13 for `max`: the nearest behaviour is often a benign row on the same topic), `max` (best single match: a narrow behaviour seen once), or `topm` (mean of the `top_m` best). The reference set, when given, is aggregated the same way and subtracted."""
+    top_m: int = 5
+    """`topm`: how many of the best-matching behaviour (and reference) examples are averaged."""
+    text: Literal["full", "response"] = "full"
+    """What of each prompt/response example is embedded: `full` (prompt + response, as the index and the student see them) or `response` (the output alone; batch filter only, `/v1/flag` scores the index's full-text vectors). Measured with MiniLM on the demo's planted insults: AUPRC 0.42 full, 0.89 response."""
+    chunk_size: int = 4096
+    """Dataset rows embedded and scored per chunk; a crashed run resumes from the last finished chunk."""
+    budget: float = 0.02
+    """Share of the dataset flagged when no threshold mode is given (`--budget`, `--threshold` or `--target-precision`)."""
+    top_behaviours: int = 3
+    """Behaviour examples named, with their cosine, in each flagged row (`_influcoder_top_behaviours`)."""
+    calibration_ratio: float = 1.0
+    """`--target-precision`: dataset rows sampled at random, per canary, as presumed negatives (the canaries are the positives). At 1 (default) the precision is a balanced one, barely touched by bad rows hidden in the sample; raising it toward rows/canaries approaches the dataset's own mix, where hidden bad rows count as false positives and cap what can be reached."""
+    label_field: str = "planted"
+    """A boolean field that marks known-bad rows (the demo's `planted`); when every row has it, the report adds AUPRC, precision and recall of the flags."""
+    embed_batch_size: int = 0
+    """Texts per encoder forward pass; 0: 8 on a CPU, 64 on a GPU (as `index.embed_batch_size`)."""
+    torch_threads: int = 0
+    """Torch threads while embedding the dataset; 0: one per CPU core (a batch job has the machine to itself)."""
+    write_scores: bool = True
+    """Also write `scores.parquet` (every row's id, scores and decision) next to kept/flagged, for audits."""
+    report_top: int = 50
+    """Top flagged examples listed in report.json and report.html."""
+    service_candidates: int = 1000
+    """`/v1/flag` on a non-Flat index: rows fetched per behaviour example by the approximate search, then scored exactly; a Flat index is scanned whole."""
+    seed: int = 0
+    """Seed of the calibration sample."""
+
+
 class Config(Section):
     name: str = "run"
     """Run name; artefacts go to `<out_dir>/<name>/`."""
@@ -304,6 +345,8 @@ class Config(Section):
     """Ray workers."""
     planted: PlantedConfig = PlantedConfig()
     """`influcoder eval planted`: the planted-behaviour retrieval benchmark."""
+    filter: FilterConfig = FilterConfig()
+    """`influcoder filter`: batch filtering of a dataset against behaviour examples (also the scoring of `/v1/flag`)."""
 
     @property
     def run_dir(self) -> Path:

@@ -19,7 +19,8 @@ from .data import load_records, write_jsonl
 from .distill import distill, encoder_path
 from .fidelity import encode, tfidf_scores
 from .finetune import adapter_path, finetune, finetune_dir
-from .gradient_job import default_store_path, run_local
+from .gradient_job import default_store_path
+from .ray_jobs import run_job
 from .metrics import auprc, precision_at_k, recall_of_planted_at_k
 from .models import load_decoder, load_encoder
 from .planted import UnsafeDetector, build_pool, unsafe_rate
@@ -54,8 +55,8 @@ def bm25_scores(queries: list[str], docs: list[str]) -> np.ndarray:
 
 def _grad_scores(run_cfg: Config) -> tuple[np.ndarray, float]:
     """Mean cosine of each pool row's gradient to the references' gradients."""
-    (_, t1) = _timed(lambda: run_local(run_cfg, "pool", progress=False))
-    (_, t2) = _timed(lambda: run_local(run_cfg, "queries", progress=False))
+    (_, t1) = _timed(lambda: run_job(run_cfg, "pool", progress=False))
+    (_, t2) = _timed(lambda: run_job(run_cfg, "queries", progress=False))
     t0 = time.perf_counter()
     P = GradStore.open(default_store_path(run_cfg, "pool")).grads().astype(np.float32)
     R = GradStore.open(default_store_path(run_cfg, "queries")).grads().astype(np.float32)

@@ -183,8 +183,10 @@ def open_job(cfg: Config, split: str, out: str | Path | None, worker: GradientWo
     """Tokenise the split, set up the preconditioner, and create (or resume) the store."""
     examples, dataset = prepare_examples(cfg, split, worker.decoder.tokenizer)
     worker.setup_preconditioner(examples)
-    path = Path(out) if out else default_store_path(cfg, split)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # An fsspec URL (file://, s3://, memory://) stays a string: Path() would fold its `//`.
+    path: str | Path = str(out) if out and "://" in str(out) else Path(out) if out else default_store_path(cfg, split)
+    if isinstance(path, Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     if worker.decoder.fresh_adapter and not (cfg.run_dir / "adapter").exists():
         # The projection this run used, so later queries can reproduce it exactly.
         worker.decoder.model.save_pretrained(cfg.run_dir / "adapter")

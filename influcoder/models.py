@@ -15,9 +15,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import warnings
+
 import torch
 
 from .config import LoraConfig, ModelConfig
+
+# peft calls a transformers API that transformers 5 deprecates; nothing for our users to act on.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

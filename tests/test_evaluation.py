@@ -50,7 +50,8 @@ def test_bm25_ranks_the_matching_document_first():
 def test_eval_planted_end_to_end_on_tiny(root, tmp_path):
     cfg = load_config(root / "configs" / "tiny.yaml", [
         f"out_dir={tmp_path}", "planted.n_benign=120", "planted.share=0.05", "planted.n_reference=10", "planted.seeds=[0,1]",
-        "planted.n_generate=4", "planted.max_new_tokens=8", "student.epochs=1", "student.steps_per_epoch=10", "teacher.n_anchors=16"])
+        "planted.n_generate=4", "planted.max_new_tokens=8", "student.epochs=1", "student.steps_per_epoch=10", "teacher.n_anchors=16",
+        "ray.num_workers=0"])  # in-process gradients: many small jobs; Ray has its own tests
     rep = planted_eval(cfg, out_json=tmp_path / "out.json")
     assert json.loads((tmp_path / "out.json").read_text())["aggregate"] == rep["aggregate"]
     want = {"teacher (none)", "teacher (second_moment)", "influcoder student", "untrained student", "TF-IDF", "BM25", "random"}
@@ -72,7 +73,8 @@ def test_report_gathers_results_into_one_page(root, tmp_path):
 
     cfg = load_config(root / "configs" / "tiny.yaml", [
         f"out_dir={tmp_path}", "planted.n_benign=60", "planted.share=0.05", "planted.n_reference=6", "planted.close_loop=false",
-        "planted.n_generate=2", "planted.max_new_tokens=4", "student.epochs=1", "student.steps_per_epoch=5", "teacher.n_anchors=8"])
+        "planted.n_generate=2", "planted.max_new_tokens=4", "student.epochs=1", "student.steps_per_epoch=5", "teacher.n_anchors=8",
+        "ray.num_workers=0"])
     planted_eval(cfg)
     page = write_report(cfg.run_dir).read_text()
     assert "Planted-behaviour retrieval" in page and page.count("data:image/png;base64,") == 2

@@ -1,0 +1,168 @@
+"""`influcoder demo`: the whole pipeline on the embedded default, with what it found.
+
+Stages are cached by their artefacts, so a rerun skips what is done (`fresh` redoes everything).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from .config import Config
+from .data import load_split
+from .distill import distill, encoder_path
+from .finetune import adapter_path, finetune, finetune_dir
+from .fidelity import encode, tfidf_scores
+from .gradient_job import default_store_path
+from .metrics import auprc, precision_at_k, recall_of_planted_at_k
+from .store import GradStore
+from .teacher import build_teacher, teacher_path
+
+
+def _store_done(cfg: Config, split: str) -> bool:
+    p = default_store_path(cfg, split)
+    return p.exists() and GradStore.open(p).complete
+
+
+def _gradients(cfg: Config, splits: list[str]) -> None:
+    """Both splits on one local Ray (started once), as `influcoder gradients` runs them."""
+    from .ray_jobs import init_ray, run_job
+
+    started = cfg.ray.num_workers != 0 and init_ray(cfg.ray)
+    try:
+        for split in splits:
+            s = run_job(cfg, split).as_dict()
+            Console().print(f"{split}: {s['rows']} rows, {s['examples_per_s']} examples/s, {s['tokens_per_s']} tokens/s → {s['store']}")
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _learned(cfg: Config) -> dict:
+    """Did the fine-tune learn the planted behaviour? Greedy replies to held-out prompts, base vs
+    fine-tuned (cached in <run>/finetune/learned.json)."""
+    path = finetune_dir(cfg) / "learned.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from .models import load_decoder
+    from .planted import UnsafeDetector, unsafe_rate
+
+    queries, _ = load_split(cfg.data, "queries")
+    prompts = [q.prompt for q in queries if q.meta.get("planted") and q.prompt][: cfg.planted.n_generate]
+    detector = UnsafeDetector([cfg.data.demo.kind], cfg.planted.jigsaw_path)
+    out = {}
+    for name, adapter in (("base", None), ("finetuned", str(adapter_path(cfg)))):
+        m = cfg.model.model_copy(update={"adapter": adapter, "target": "finetuned" if adapter else "weights"})
+        out[name] = unsafe_rate(load_decoder(m), prompts, detector, cfg.planted.max_new_tokens)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def _rank_table(title: str, query: str, rows: list[dict]) -> Table:
+    t = Table(title=title, caption=f"query: {query[:110]!r}", show_lines=False)
+    for col in ("rank", "score", "planted", "training example"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(str(r["rank"]), f"{r['score']:.3f}", "yes" if r["planted"] else "", r["preview"])
+    return t
+
+
+def run_demo(cfg: Config, fresh: bool = False, console: Console | None = None) -> dict:
+    con = console or Console()
+    run = cfg.run_dir
+    if fresh and run.exists():
+        shutil.rmtree(run)
+    timings: dict[str, float] = {}
+
+    def stage(name: str, done: bool, fn) -> None:
+        if done:
+            con.print(f"[dim]✓ {name}: cached[/]")
+            return
+        con.rule(f"[bold]{name}")
+        t0 = time.perf_counter()
+        fn()
+        timings[name] = round(time.perf_counter() - t0, 1)
+
+    pool, _ = load_split(cfg.data, "pool")
+    planted = np.array([bool(r.meta.get("planted")) for r in pool])
+    con.print(f"[bold]pool[/]: {len(pool)} examples from {cfg.data.path!r}, {planted.sum()} planted "
+              f"'{cfg.data.demo.kind}' replies; decoder {cfg.model.name}, student {cfg.student.base}")
+    if cfg.model.target == "finetuned" and not cfg.model.adapter:
+        stage("finetune", (adapter_path(cfg) / "adapter_config.json").exists(), lambda: finetune(cfg))
+        learned = _learned(cfg)
+        con.print(f"unsafe replies on {learned['base']['n']} held-out prompts: base model {learned['base']['rate']:.0%}, "
+                  f"fine-tuned {learned['finetuned']['rate']:.0%}")
+    todo = [s for s in ("pool", "queries") if not _store_done(cfg, s)]
+    stage("gradients (Ray workers)", not todo, lambda: _gradients(cfg, todo))
+    stage("teacher", teacher_path(cfg).exists(), lambda: build_teacher(cfg))
+    stage("distill", (encoder_path(cfg) / "modules.json").exists() and (run / "fidelity.json").exists(), lambda: distill(cfg))
+    fid = json.loads((run / "fidelity.json").read_text())
+
+    # Which data caused this? Student embeddings of the pool vs behaviour / normal outputs.
+    from .models import load_encoder
+
+    t0 = time.perf_counter()
+    student = load_encoder(str(encoder_path(cfg)))
+    texts = [r.as_text() for r in pool]
+    P = encode(student, texts, cfg.student.document_prompt)
+    queries, _ = load_split(cfg.data, "queries")
+    bad = [q for q in queries if q.meta.get("planted")]
+    good = [q for q in queries if not q.meta.get("planted")]
+    Q = encode(student, [q.as_text() for q in bad], cfg.student.query_prompt)
+    timings["attribute (student)"] = round(time.perf_counter() - t0, 2)
+
+    def top(qvec, k=5):
+        s = P @ qvec
+        idx = np.argsort(-s)[:k]
+        return [{"rank": i + 1, "id": pool[j].id, "score": float(s[j]), "planted": bool(planted[j]),
+                 "preview": pool[j].response.replace("\n", " ")[:90] if pool[j].is_pair else texts[j][:90]} for i, j in enumerate(idx)]
+
+    con.rule("[bold]which training examples made the model say this?")
+    con.print(_rank_table("behaviour output", bad[0].as_text(), top(Q[0])))
+    if good:
+        G = encode(student, [good[0].as_text()], cfg.student.query_prompt)
+        con.print(_rank_table("normal output (for contrast)", good[0].as_text(), top(G[0])))
+
+    # Planted retrieval: mean similarity to the behaviour outputs, student vs teacher vs TF-IDF.
+    methods = {"student (influcoder)": (P @ Q.T).mean(1)}
+    pg, qg = GradStore.open(default_store_path(cfg, "pool")), GradStore.open(default_store_path(cfg, "queries"))
+    qids = set(q.id for q in bad)
+    qsel = np.array([i in qids for i in qg.ids()])
+    methods["teacher (gradient cosine)"] = (pg.grads().astype(np.float32) @ qg.grads().astype(np.float32)[qsel].T).mean(1)
+    methods["TF-IDF"] = tfidf_scores([q.as_text() for q in bad], texts, texts)[0].T.mean(1)
+    methods["random"] = np.random.default_rng(0).random(len(pool))
+    n_pl = int(planted.sum())
+    retrieval = {m: {"auprc": auprc(planted, s), f"recall@{n_pl}": recall_of_planted_at_k(planted, s, n_pl),
+                     "precision@10": precision_at_k(planted, s, 10)} for m, s in methods.items()}
+    t = Table(title=f"planted-row retrieval ({n_pl} planted of {len(pool)}; random AUPRC ≈ {n_pl / len(pool):.3f})")
+    for col in ("method", "AUPRC", f"recall@{n_pl}", "precision@10"):
+        t.add_column(col)
+    for m, r in retrieval.items():
+        t.add_row(m, f"{r['auprc']:.3f}", f"{r[f'recall@{n_pl}']:.3f}", f"{r['precision@10']:.2f}")
+    con.print(t)
+
+    rows = fid["rows"]
+    ft = Table(title=f"student fidelity to the teacher on the held-out block ({fid['sizes']['eval_anchors']} anchors × {fid['sizes']['eval_pool']} pool)")
+    for col in ("encoder", "per-anchor ρ", "aggregated ρ", f"recall@{cfg.student.eval_k}", "ms/sample"):
+        ft.add_column(col)
+    for name, r in rows.items():
+        ft.add_row(name, f"{r['per_anchor_spearman']:.3f}", f"{r['aggregated_spearman']:.3f}", f"{r[f'recall@{cfg.student.eval_k}']:.3f}", f"{r['ms_per_sample']:.2f}")
+    con.print(ft)
+    learned_path = finetune_dir(cfg) / "learned.json"
+    summary = {"run_dir": str(run), "timings_s": timings, "retrieval": retrieval, "fidelity": rows,
+               "learned": json.loads(learned_path.read_text()) if learned_path.exists() else None,
+               "n_pool": len(pool), "n_planted": n_pl, "plots": [str(run / "fidelity.png")]}
+    (run / "demo-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    con.rule("[bold]summary")
+    for k, v in timings.items():
+        con.print(f"  {k:<24} {v:>8.1f} s")
+    con.print(f"artefacts in {run}/ (fidelity.png, fidelity.json, demo-summary.json, encoder/)")
+    return summary
