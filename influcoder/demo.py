@@ -18,10 +18,11 @@ from .config import Config
 from .data import load_split
 from .distill import distill, encoder_path
 from .finetune import adapter_path, finetune, finetune_dir
-from .fidelity import encode, tfidf_scores
+from .fidelity import tfidf_scores
 from .gradient_job import default_store_path
 from .metrics import auprc, precision_at_k, recall_of_planted_at_k
 from .store import GradStore
+from .index import build_index
 from .teacher import build_teacher, teacher_path
 
 
@@ -68,10 +69,10 @@ def _learned(cfg: Config) -> dict:
 
 def _rank_table(title: str, query: str, rows: list[dict]) -> Table:
     t = Table(title=title, caption=f"query: {query[:110]!r}", show_lines=False)
-    for col in ("rank", "score", "planted", "training example"):
+    for col in ("rank", "score", "planted", "training example (id: preview)"):
         t.add_column(col)
     for r in rows:
-        t.add_row(str(r["rank"]), f"{r['score']:.3f}", "yes" if r["planted"] else "", r["preview"])
+        t.add_row(str(r["rank"]), f"{r['score']:.3f}", "yes" if r["planted"] else "", f"{r['id']}: {r['preview'][:100]}")
     return t
 
 
@@ -106,33 +107,36 @@ def run_demo(cfg: Config, fresh: bool = False, console: Console | None = None) -
     stage("distill", (encoder_path(cfg) / "modules.json").exists() and (run / "fidelity.json").exists(), lambda: distill(cfg))
     fid = json.loads((run / "fidelity.json").read_text())
 
-    # Which data caused this? Student embeddings of the pool vs behaviour / normal outputs.
-    from .models import load_encoder
+    # Which data caused this? The FAISS index over the student's embeddings, through the engine.
+    from .engine import Engine
+    from .index import index_dir
 
-    t0 = time.perf_counter()
-    student = load_encoder(str(encoder_path(cfg)))
+    idx = index_dir(cfg)
+    stage("index", (idx / "manifest.json").exists(), lambda: build_index(cfg))
+    engine = Engine.load(idx)
     texts = [r.as_text() for r in pool]
-    P = encode(student, texts, cfg.student.document_prompt)
     queries, _ = load_split(cfg.data, "queries")
     bad = [q for q in queries if q.meta.get("planted")]
     good = [q for q in queries if not q.meta.get("planted")]
-    Q = encode(student, [q.as_text() for q in bad], cfg.student.query_prompt)
-    timings["attribute (student)"] = round(time.perf_counter() - t0, 2)
 
-    def top(qvec, k=5):
-        s = P @ qvec
-        idx = np.argsort(-s)[:k]
-        return [{"rank": i + 1, "id": pool[j].id, "score": float(s[j]), "planted": bool(planted[j]),
-                 "preview": pool[j].response.replace("\n", " ")[:90] if pool[j].is_pair else texts[j][:90]} for i, j in enumerate(idx)]
+    def ask(q) -> tuple[list[dict], float]:
+        t0 = time.perf_counter()
+        (ans,) = engine.attribute([{"prompt": q.prompt, "response": q.response} if q.is_pair else {"text": q.text}], k=5)
+        ms = 1000 * (time.perf_counter() - t0)
+        return [{**h, "planted": bool(h["metadata"].get("planted"))} for h in ans["results"]], ms
 
     con.rule("[bold]which training examples made the model say this?")
-    con.print(_rank_table("behaviour output", bad[0].as_text(), top(Q[0])))
+    hits, ms = ask(bad[0])
+    timings["one attribution query (ms)"] = round(ms, 1)
+    con.print(_rank_table(f"behaviour output ({ms:.0f} ms)", bad[0].as_text(), hits))
     if good:
-        G = encode(student, [good[0].as_text()], cfg.student.query_prompt)
-        con.print(_rank_table("normal output (for contrast)", good[0].as_text(), top(G[0])))
+        hits, ms = ask(good[0])
+        con.print(_rank_table(f"normal output, for contrast ({ms:.0f} ms)", good[0].as_text(), hits))
 
     # Planted retrieval: mean similarity to the behaviour outputs, student vs teacher vs TF-IDF.
-    methods = {"student (influcoder)": (P @ Q.T).mean(1)}
+    flagged = engine.flag([{"prompt": q.prompt, "response": q.response} for q in bad], k=len(pool))["results"]
+    by_id = {h["id"]: h["score"] for h in flagged}
+    methods = {"student (influcoder index)": np.array([by_id.get(r.id, -1.0) for r in pool])}
     pg, qg = GradStore.open(default_store_path(cfg, "pool")), GradStore.open(default_store_path(cfg, "queries"))
     qids = set(q.id for q in bad)
     qsel = np.array([i in qids for i in qg.ids()])
@@ -164,5 +168,7 @@ def run_demo(cfg: Config, fresh: bool = False, console: Console | None = None) -
     con.rule("[bold]summary")
     for k, v in timings.items():
         con.print(f"  {k:<24} {v:>8.1f} s")
-    con.print(f"artefacts in {run}/ (fidelity.png, fidelity.json, demo-summary.json, encoder/)")
+    con.print(f"artefacts in {run}/ (fidelity.png, fidelity.json, demo-summary.json, encoder/) and {idx}/")
+    con.print(f"serve it:  influcoder serve --index {idx}\nthen ask:  curl -s localhost:{cfg.service.port}/v1/attribute "
+              "-H 'content-type: application/json' -d '{\"inputs\": [{\"text\": \"What a stupid question, idiot.\"}], \"k\": 5}'")
     return summary

@@ -6,16 +6,17 @@ import sys
 
 
 def test_demo_quick_end_to_end(tmp_path, root):
-    cmd = [sys.executable, "-m", "influcoder", "demo", "--quick", "--set", f"out_dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "influcoder", "demo", "--quick", "--set", f"out_dir={tmp_path}", "--set", f"index.root={tmp_path}/index"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "tiny"
     summary = json.loads((run / "demo-summary.json").read_text())
     for f in ("grads.zarr", "grads-queries.zarr", "teacher.zarr", "encoder/modules.json", "fidelity.json", "fidelity.png"):
         assert (run / f).exists(), f
-    assert "which training examples made the model say this?" in r.stdout
+    assert "which training examples made the model say this?" in r.stdout and "influcoder serve --index" in r.stdout
+    assert (tmp_path / "index" / "tiny" / "faiss.index").exists()
     ret = summary["retrieval"]
-    assert summary["n_planted"] == 19 and set(ret) >= {"student (influcoder)", "teacher (gradient cosine)", "TF-IDF", "random"}
+    assert summary["n_planted"] == 19 and set(ret) >= {"student (influcoder index)", "teacher (gradient cosine)", "TF-IDF", "random"}
     for m in ret.values():
         assert 0 <= m["auprc"] <= 1
     fid = summary["fidelity"]
@@ -23,4 +24,4 @@ def test_demo_quick_end_to_end(tmp_path, root):
     # a rerun is cached: no stage runs again
     r2 = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=600)
     assert r2.returncode == 0 and "cached" in r2.stdout
-    assert json.loads((run / "demo-summary.json").read_text())["timings_s"].keys() <= {"attribute (student)"}
+    assert json.loads((run / "demo-summary.json").read_text())["timings_s"].keys() <= {"one attribution query (ms)"}
