@@ -283,6 +283,7 @@ def bench_gradients(
 
 
 # Stages after the gradients, the index and the API live in their own modules.
+from .cli_filter import filter_cmd  # noqa: E402
 from .cli_index import index_app, query, serve  # noqa: E402
 from .cli_stages import demo_cmd, distill_cmd, eval_app, finetune_cmd, teacher_cmd  # noqa: E402
 
@@ -292,6 +293,7 @@ app.command("distill")(distill_cmd)
 app.add_typer(index_app, name="index")
 app.command("query")(query)
 app.command("serve")(serve)
+app.command("filter")(filter_cmd)
 app.add_typer(eval_app, name="eval")
 app.command("demo")(demo_cmd)
 

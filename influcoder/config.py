@@ -293,7 +293,7 @@ class FilterConfig(Section):
     top_m: int = 5
     """`topm`: how many of the best-matching behaviour (and reference) examples are averaged."""
     text: Literal["full", "response"] = "full"
-    """What of each prompt/response example is embedded: `full` (prompt + response, as the index and the student see them) or `response` (the output alone; batch filter only, `/v1/flag` scores the index's full-text vectors). Measured with MiniLM on the demo's planted insults: AUPRC 0.42 full, 0.89 response."""
+    """What of each prompt/response example (dataset rows, behaviours, reference, canaries) is embedded: `full` (prompt + response, as the index and the student see them) or `response` (the output alone; batch filter only, `/v1/flag` scores the index's full-text vectors). Measured with MiniLM, mean aggregate: demo's planted insults AUPRC 0.42 full, 0.89 response; Dolly + planted HH-RLHF harmful replies 0.60 full, 0.51 response."""
     chunk_size: int = 4096
     """Dataset rows embedded and scored per chunk; a crashed run resumes from the last finished chunk."""
     budget: float = 0.02
@@ -307,7 +307,7 @@ class FilterConfig(Section):
     embed_batch_size: int = 0
     """Texts per encoder forward pass; 0: 8 on a CPU, 64 on a GPU (as `index.embed_batch_size`)."""
     torch_threads: int = 0
-    """Torch threads while embedding the dataset; 0: one per CPU core (a batch job has the machine to itself)."""
+    """Torch threads while embedding the dataset; 0: one per CPU core (a batch job has the machine to itself). On a shared, busy CPU use 1: OpenMP threads that wait for each other can be slower than one. Measured with MiniLM over Dolly pairs on this project's 2-core CPU under load: 43 rows/s with 1 thread, 69 with 2."""
     write_scores: bool = True
     """Also write `scores.parquet` (every row's id, scores and decision) next to kept/flagged, for audits."""
     report_top: int = 50

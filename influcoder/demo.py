@@ -133,10 +133,27 @@ def run_demo(cfg: Config, fresh: bool = False, console: Console | None = None) -
         hits, ms = ask(good[0])
         con.print(_rank_table(f"normal output, for contrast ({ms:.0f} ms)", good[0].as_text(), hits))
 
+    # Filter the corpus against the behaviour outputs: kept + flagged = input, with a report.
+    from .data import write_jsonl
+    from .filtering import FilterRun, filter_dataset, student_from_index
+
+    data_dir = run / "demo-data"
+    write_jsonl([r.to_row(cfg.data) for r in pool], data_dir / "pool.jsonl")
+    write_jsonl([q.to_row(cfg.data) for q in bad], data_dir / "behaviours.jsonl")
+    frun = FilterRun(dataset=data_dir / "pool.jsonl", behaviours=data_dir / "behaviours.jsonl", out=run / "filtered",
+                     mode="budget", value=float(planted.mean()))
+    stage("filter", (run / "filtered" / "report.json").exists(), lambda: filter_dataset(student_from_index(idx), frun, cfg.filter))
+    frep = json.loads((run / "filtered" / "report.json").read_text())
+    import pyarrow.parquet as pq
+
+    fscores = dict(zip(*[pq.read_table(run / "filtered" / "scores.parquet").column(c).to_pylist() for c in ("id", "score")]))
+    ev = frep.get("evaluation") or {}
+    con.print(f"[bold]filter[/]: flagged {frep['counts']['flagged']} of {frep['counts']['rows']} rows "
+              f"(budget {frun.value:.1%}); {ev.get('flagged_precision', 0):.0%} of them planted, "
+              f"{ev.get('flagged_recall', 0):.0%} of the planted rows caught; report: {run / 'filtered' / 'report.html'}")
+
     # Planted retrieval: mean similarity to the behaviour outputs, student vs teacher vs TF-IDF.
-    flagged = engine.flag([{"prompt": q.prompt, "response": q.response} for q in bad], k=len(pool))["results"]
-    by_id = {h["id"]: h["score"] for h in flagged}
-    methods = {"student (influcoder index)": np.array([by_id.get(r.id, -1.0) for r in pool])}
+    methods = {"student (influcoder filter)": np.array([fscores[r.id] for r in pool])}
     pg, qg = GradStore.open(default_store_path(cfg, "pool")), GradStore.open(default_store_path(cfg, "queries"))
     qids = set(q.id for q in bad)
     qsel = np.array([i in qids for i in qg.ids()])
@@ -163,6 +180,7 @@ def run_demo(cfg: Config, fresh: bool = False, console: Console | None = None) -
     learned_path = finetune_dir(cfg) / "learned.json"
     summary = {"run_dir": str(run), "timings_s": timings, "retrieval": retrieval, "fidelity": rows,
                "learned": json.loads(learned_path.read_text()) if learned_path.exists() else None,
+               "filter": {"counts": frep["counts"], "evaluation": ev, "report": str(run / "filtered" / "report.html")},
                "n_pool": len(pool), "n_planted": n_pl, "plots": [str(run / "fidelity.png")]}
     (run / "demo-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     con.rule("[bold]summary")

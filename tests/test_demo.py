@@ -16,9 +16,11 @@ def test_demo_quick_end_to_end(tmp_path, root):
     assert "which training examples made the model say this?" in r.stdout and "influcoder serve --index" in r.stdout
     assert (tmp_path / "index" / "tiny" / "faiss.index").exists()
     ret = summary["retrieval"]
-    assert summary["n_planted"] == 19 and set(ret) >= {"student (influcoder index)", "teacher (gradient cosine)", "TF-IDF", "random"}
+    assert summary["n_planted"] == 19 and set(ret) >= {"student (influcoder filter)", "teacher (gradient cosine)", "TF-IDF", "random"}
     for m in ret.values():
         assert 0 <= m["auprc"] <= 1
+    c = summary["filter"]["counts"]
+    assert c["rows"] == 192 and c["kept"] + c["flagged"] == 192 and (run / "filtered" / "report.html").exists()
     fid = summary["fidelity"]
     assert fid["student"]["per_anchor_spearman"] > fid["untrained"]["per_anchor_spearman"]
     # a rerun is cached: no stage runs again
