@@ -282,6 +282,30 @@ def bench_gradients(
         json_out.write_text(text + "\n")
 
 
+@bench_app.command("query")
+def bench_query(
+    config: ConfigArg,
+    set_: SetOpt = [],
+    n: Annotated[int, typer.Option(help="Queries (the first n of the queries split, else of the pool).")] = 40,
+    k: Annotated[int, typer.Option(help="Training examples per query.")] = 10,
+    clients: Annotated[int, typer.Option(help="Concurrent loopback HTTP clients.")] = 4,
+    max_seconds: Annotated[float, typer.Option(help="Time bound of the HTTP load.")] = 20.0,
+    scale: Annotated[str, typer.Option(help="Comma-separated synthetic index sizes for the latency-vs-size table.")] = "100000,1000000",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results to this JSON file.")] = None,
+) -> None:
+    """Query cost: engine vs HTTP API vs the exact-gradient (LESS-style) path, same pool and queries.
+
+    Needs a built run and index (`influcoder demo`, or the stages up to `index build`)."""
+    from .bench_query import query_bench
+
+    res = query_bench(load_config(config, set_), n, k, clients, max_seconds, [int(x) for x in scale.split(",") if x])
+    text = json.dumps(res, indent=2)
+    print(text)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(text + "\n")
+
+
 # Stages after the gradients, the index and the API live in their own modules.
 from .cli_filter import filter_cmd  # noqa: E402
 from .cli_index import index_app, query, serve  # noqa: E402

@@ -127,7 +127,7 @@ def run_demo(cfg: Config, fresh: bool = False, console: Console | None = None) -
 
     con.rule("[bold]which training examples made the model say this?")
     hits, ms = ask(bad[0])
-    timings["one attribution query (ms)"] = round(ms, 1)
+    query_ms = round(ms, 1)
     con.print(_rank_table(f"behaviour output ({ms:.0f} ms)", bad[0].as_text(), hits))
     if good:
         hits, ms = ask(good[0])
@@ -178,7 +178,7 @@ def run_demo(cfg: Config, fresh: bool = False, console: Console | None = None) -
         ft.add_row(name, f"{r['per_anchor_spearman']:.3f}", f"{r['aggregated_spearman']:.3f}", f"{r[f'recall@{cfg.student.eval_k}']:.3f}", f"{r['ms_per_sample']:.2f}")
     con.print(ft)
     learned_path = finetune_dir(cfg) / "learned.json"
-    summary = {"run_dir": str(run), "timings_s": timings, "retrieval": retrieval, "fidelity": rows,
+    summary = {"run_dir": str(run), "timings_s": timings, "query_ms": query_ms, "retrieval": retrieval, "fidelity": rows,
                "learned": json.loads(learned_path.read_text()) if learned_path.exists() else None,
                "filter": {"counts": frep["counts"], "evaluation": ev, "report": str(run / "filtered" / "report.html")},
                "n_pool": len(pool), "n_planted": n_pl, "plots": [str(run / "fidelity.png")]}
@@ -186,6 +186,7 @@ def run_demo(cfg: Config, fresh: bool = False, console: Console | None = None) -
     con.rule("[bold]summary")
     for k, v in timings.items():
         con.print(f"  {k:<24} {v:>8.1f} s")
+    con.print(f"  {'one attribution query':<24} {query_ms:>8.1f} ms")
     con.print(f"artefacts in {run}/ (fidelity.png, fidelity.json, demo-summary.json, encoder/) and {idx}/")
     con.print(f"serve it:  influcoder serve --index {idx}\nthen ask:  curl -s localhost:{cfg.service.port}/v1/attribute "
               "-H 'content-type: application/json' -d '{\"inputs\": [{\"text\": \"What a stupid question, idiot.\"}], \"k\": 5}'")

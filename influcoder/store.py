@@ -27,7 +27,13 @@ class StoreMismatch(ValueError):
     """Two manifests disagree on a setting that decides what the gradients mean."""
 
 
+# Where things were on disk does not change what the gradients mean (the adapter's sha256 does).
+LOCATION_KEYS = {"model.adapter.path", "model.source"}
+
+
 def _diff(a: Any, b: Any, path: str) -> list[str]:
+    if path in LOCATION_KEYS:
+        return []
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b)):

@@ -32,3 +32,22 @@ def shared_data_or_demo():
     if dolly.is_file():
         return load_records(DataConfig(path=str(dolly), limit=256))[0]
     return load_records(DataConfig(demo={"n": 256}))[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """The tiny run (gradients, teacher, distilled student) of configs/tiny.yaml, built once per
+    test session; the index, engine, service and filter tests share it."""
+    from influcoder.config import load_config
+    from influcoder.distill import distill, encoder_path
+    from influcoder.gradient_job import run_local
+    from influcoder.teacher import build_teacher
+
+    base = tmp_path_factory.getbasetemp() / "tiny-run"
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"out_dir={base}", f"index.root={base / 'index'}"])
+    if not (encoder_path(cfg) / "modules.json").is_file():
+        run_local(cfg, progress=False)
+        run_local(cfg, "queries", progress=False)
+        build_teacher(cfg)
+        distill(cfg, progress=False)
+    return cfg

@@ -26,4 +26,4 @@ def test_demo_quick_end_to_end(tmp_path, root):
     # a rerun is cached: no stage runs again
     r2 = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=600)
     assert r2.returncode == 0 and "cached" in r2.stdout
-    assert json.loads((run / "demo-summary.json").read_text())["timings_s"].keys() <= {"one attribution query (ms)"}
+    assert json.loads((run / "demo-summary.json").read_text())["timings_s"] == {}

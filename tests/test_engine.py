@@ -14,25 +14,9 @@ QUERIES = ["You are an idiot, look it up yourself.", "How long should I boil an 
            "Roll soft clothes to save space in a suitcase."]
 
 
-def tiny_run(root: Path, tmp_path_factory):
-    """The tiny run, built once per session in its basetemp (shared with the other index tests)."""
-    from influcoder.distill import distill, encoder_path
-    from influcoder.gradient_job import run_local
-    from influcoder.teacher import build_teacher
-
-    base = tmp_path_factory.getbasetemp() / "tiny-run"
-    cfg = load_config(root / "configs" / "tiny.yaml", [f"out_dir={base}", f"index.root={base / 'index'}"])
-    if not (encoder_path(cfg) / "modules.json").is_file():
-        run_local(cfg, progress=False)
-        run_local(cfg, "queries", progress=False)
-        build_teacher(cfg)
-        distill(cfg, progress=False)
-    return cfg
-
-
 @pytest.fixture(scope="module")
-def cfg(root, tmp_path_factory):
-    return tiny_run(root, tmp_path_factory)
+def cfg(tiny_pipeline):
+    return tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -17,25 +17,9 @@ from influcoder.index import (FILES, IndexStoreError, _without, add_records, aut
                               open_index, read_manifest, remove_ids, search, stored_ids)
 
 
-def tiny_run(root: Path, tmp_path_factory) -> object:
-    """The tiny run (gradients, teacher, student), built once per test session in its basetemp."""
-    from influcoder.distill import distill, encoder_path
-    from influcoder.gradient_job import run_local
-    from influcoder.teacher import build_teacher
-
-    base = tmp_path_factory.getbasetemp() / "tiny-run"
-    cfg = load_config(root / "configs" / "tiny.yaml", [f"out_dir={base}", f"index.root={base / 'index'}"])
-    if not (encoder_path(cfg) / "modules.json").is_file():
-        run_local(cfg, progress=False)
-        run_local(cfg, "queries", progress=False)
-        build_teacher(cfg)
-        distill(cfg, progress=False)
-    return cfg
-
-
 @pytest.fixture(scope="module")
-def cfg(root, tmp_path_factory):
-    return tiny_run(root, tmp_path_factory)
+def cfg(tiny_pipeline):
+    return tiny_pipeline
 
 
 @pytest.fixture(scope="module")

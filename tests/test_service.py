@@ -21,22 +21,6 @@ from influcoder.service import create_app
 LIMITS = ServiceConfig(max_body_bytes=20_000, max_batch=8, max_text_chars=500, max_k=50)
 
 
-def tiny_run(root: Path, tmp_path_factory):
-    """The tiny run, built once per session in its basetemp (shared with the other index tests)."""
-    from influcoder.distill import distill, encoder_path
-    from influcoder.gradient_job import run_local
-    from influcoder.teacher import build_teacher
-
-    base = tmp_path_factory.getbasetemp() / "tiny-run"
-    cfg = load_config(root / "configs" / "tiny.yaml", [f"out_dir={base}", f"index.root={base / 'index'}"])
-    if not (encoder_path(cfg) / "modules.json").is_file():
-        run_local(cfg, progress=False)
-        run_local(cfg, "queries", progress=False)
-        build_teacher(cfg)
-        distill(cfg, progress=False)
-    return cfg
-
-
 @contextmanager
 def running(app):
     """A real uvicorn server on a free loopback port, in a thread; yields its base URL."""
@@ -58,8 +42,8 @@ def running(app):
 
 
 @pytest.fixture(scope="module")
-def cfg(root, tmp_path_factory):
-    return tiny_run(root, tmp_path_factory)
+def cfg(tiny_pipeline):
+    return tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -100,3 +100,12 @@ def test_pool_and_queries_compare_and_mismatch(root, tmp_path):
     other = GradStore.open(run_local(tiny(root, tmp_path / "o", "gradients.sketch=sjlt"), "queries", progress=False).store)
     with pytest.raises(StoreMismatch, match="sketch.kind: 'countsketch' != 'sjlt'"):
         check_compatible(pool.manifest, other.manifest)
+
+
+def test_locations_do_not_matter_but_adapter_content_does():
+    a = {"model": {"name": "m", "source": "/cache/a", "adapter": {"fresh": False, "path": "runs/x/adapter", "sha256": "1"}}}
+    b = {"model": {"name": "m", "source": "/other/cache", "adapter": {"fresh": False, "path": "/abs/runs/x/adapter", "sha256": "1"}}}
+    check_compatible(a, b, keys=("model",))
+    b["model"]["adapter"]["sha256"] = "2"
+    with pytest.raises(StoreMismatch, match="model.adapter.sha256"):
+        check_compatible(a, b, keys=("model",))
