@@ -48,21 +48,33 @@ def _gradients(cfg: Config, splits: list[str]) -> None:
 
 
 def _learned(cfg: Config) -> dict:
-    """Did the fine-tune learn the planted behaviour? Greedy replies to held-out prompts, base vs
+    """Did the fine-tune learn the planted behaviour? Mean response loss of held-out behaviour and
+    normal replies, and the share of greedy replies to held-out prompts that show it, base vs
     fine-tuned (cached in <run>/finetune/learned.json)."""
     path = finetune_dir(cfg) / "learned.json"
     if path.exists():
         return json.loads(path.read_text())
+    import torch
+
+    from .gradients import forward_loss
     from .models import load_decoder
     from .planted import UnsafeDetector, unsafe_rate
+    from .tokenization import collate, tokenize_records
 
     queries, _ = load_split(cfg.data, "queries")
-    prompts = [q.prompt for q in queries if q.meta.get("planted") and q.prompt][: cfg.planted.n_generate]
+    sets = {"behaviour": [q for q in queries if q.meta.get("planted")], "normal": [q for q in queries if not q.meta.get("planted")]}
+    prompts = [q.prompt for q in sets["behaviour"] if q.prompt][: cfg.planted.n_generate]
     detector = UnsafeDetector([cfg.data.demo.kind], cfg.planted.jigsaw_path)
     out = {}
     for name, adapter in (("base", None), ("finetuned", str(adapter_path(cfg)))):
-        m = cfg.model.model_copy(update={"adapter": adapter, "target": "finetuned" if adapter else "weights"})
-        out[name] = unsafe_rate(load_decoder(m), prompts, detector, cfg.planted.max_new_tokens)
+        dec = load_decoder(cfg.model.model_copy(update={"adapter": adapter, "target": "finetuned" if adapter else "weights"}))
+        row = unsafe_rate(dec, prompts, detector, cfg.planted.max_new_tokens)
+        for kind, recs in sets.items():
+            ex, _ = tokenize_records(recs, dec.tokenizer, cfg.data.max_length, cfg.data.chat_template)
+            with torch.no_grad():
+                batch = {k: v.to(dec.device) for k, v in collate(ex, dec.tokenizer.pad_token_id).items()}
+                row[f"{kind}_loss"] = float(forward_loss(dec.model, batch)[0].mean())
+        out[name] = row
     path.write_text(json.dumps(out, indent=2) + "\n")
     return out
 
@@ -98,9 +110,10 @@ def run_demo(cfg: Config, fresh: bool = False, console: Console | None = None) -
               f"'{cfg.data.demo.kind}' replies; decoder {cfg.model.name}, student {cfg.student.base}")
     if cfg.model.target == "finetuned" and not cfg.model.adapter:
         stage("finetune", (adapter_path(cfg) / "adapter_config.json").exists(), lambda: finetune(cfg))
-        learned = _learned(cfg)
-        con.print(f"unsafe replies on {learned['base']['n']} held-out prompts: base model {learned['base']['rate']:.0%}, "
-                  f"fine-tuned {learned['finetuned']['rate']:.0%}")
+        b, f = (learned := _learned(cfg))["base"], learned["finetuned"]
+        con.print(f"learned? loss of held-out {cfg.data.demo.kind} replies {b['behaviour_loss']:.2f} → {f['behaviour_loss']:.2f}, "
+                  f"of normal replies {b['normal_loss']:.2f} → {f['normal_loss']:.2f} (base → fine-tuned); greedy replies "
+                  f"showing it on {b['n']} held-out prompts: {b['rate']:.0%} → {f['rate']:.0%}")
     todo = [s for s in ("pool", "queries") if not _store_done(cfg, s)]
     stage("gradients (Ray workers)", not todo, lambda: _gradients(cfg, todo))
     stage("teacher", teacher_path(cfg).exists(), lambda: build_teacher(cfg))
