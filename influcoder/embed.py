@@ -25,69 +25,21 @@ import zarr
 from . import __version__
 from .config import Config
 from .ray_jobs import JobFailed, RayJobSummary, ShardActor, init_ray, is_url, resolve_out, run_actors, shard_info, worker_options
-from .store import StoreMismatch, check_compatible
+from .store import ShardedStore, check_compatible
 
 SCHEMA_VERSION = 1
 RESUME_KEYS = ("schema", "encoder", "prompt", "dataset", "shard_size", "dim")
 
 
-class EmbedStore:
-    def __init__(self, group: zarr.Group, path: str):
-        self.group, self.path = group, path
+class EmbedStore(ShardedStore):
+    ROWS = "emb"
+    KIND = "embeddings"
+    SCHEMA = SCHEMA_VERSION
+    RESUME = RESUME_KEYS
 
     @classmethod
-    def create_or_resume(cls, path: str, ids: list[str], dim: int, shard_size: int, manifest: dict) -> "EmbedStore":
-        """Resume the store at `path` when its manifest matches, else create it."""
-        if Path(path).exists() or is_url(path):
-            try:
-                old = cls.open(path, mode="r+")
-            except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
-                old = None
-            if old is not None:
-                check_compatible(old.manifest, manifest, RESUME_KEYS, what=f"{path} and this run")
-                return old
-        n = len(ids)
-        g = zarr.open_group(path, mode="w")
+    def _create_arrays(cls, g: zarr.Group, n: int, dim: int, shard_size: int) -> None:
         g.create_array("emb", shape=(n, dim), chunks=(shard_size, dim), dtype="float32", fill_value=0)
-        g.create_array("ids", shape=(n,), chunks=(max(n, 1),), dtype=str)
-        g.create_array("done", shape=(max(1, -(-n // shard_size)),), chunks=(1,), dtype=bool, fill_value=False)
-        if n:
-            g["ids"][:] = np.asarray(ids, dtype=object).astype(str)
-        g.attrs["manifest"] = manifest
-        return cls(g, path)
-
-    @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> "EmbedStore":
-        g = zarr.open_group(str(path), mode=mode)
-        if g.attrs.get("manifest", {}).get("kind") != "embeddings":
-            raise KeyError(f"{path}: not an influcoder embedding store")
-        if g.attrs["manifest"].get("schema") != SCHEMA_VERSION:
-            raise StoreMismatch(f"{path}: embedding store schema {g.attrs['manifest'].get('schema')} is not {SCHEMA_VERSION}")
-        return cls(g, str(path))
-
-    @property
-    def manifest(self) -> dict:
-        return dict(self.group.attrs["manifest"])
-
-    @property
-    def n(self) -> int:
-        return self.group["emb"].shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.group["emb"].shape[1]
-
-    @property
-    def n_shards(self) -> int:
-        return self.group["done"].shape[0]
-
-    def shard_rows(self, s: int) -> range:
-        size = self.group["emb"].chunks[0]
-        return range(s * size, min((s + 1) * size, self.n))
-
-    def pending(self) -> list[int]:
-        done = self.group["done"][:]
-        return [s for s in range(self.n_shards) if not done[s]]
 
     def write_shard(self, s: int, vectors: np.ndarray) -> None:
         rows = self.shard_rows(s)
@@ -95,9 +47,6 @@ class EmbedStore:
             raise ValueError(f"shard {s}: expected {(len(rows), self.dim)}, got {vectors.shape}")
         self.group["emb"][rows.start:rows.stop] = vectors.astype(np.float32)
         self.group["done"][s] = True  # only after the rows: a crash in between redoes the shard
-
-    def ids(self) -> list[str]:
-        return [str(x) for x in self.group["ids"][:]]
 
     def vectors(self, rows: slice | None = None) -> np.ndarray:
         """(n, dim) float32; refuses a store with shards still to compute."""

@@ -50,15 +50,26 @@ def check_compatible(a: dict, b: dict, keys: tuple[str, ...] = COMPARE_KEYS, wha
         raise StoreMismatch(f"{what} were made with different settings: {shown}")
 
 
-class GradStore:
+class ShardedStore:
+    """A zarr group of per-row arrays written shard by shard (one shard = one chunk of each), with
+    `ids`, `done` flags and a manifest in `attrs`. Subclasses name their main array and add theirs."""
+
+    ROWS = "rows"
+    KIND: str | None = None
+    """`manifest["kind"]` a store must carry to be opened as this class (None: not checked)."""
+    SCHEMA = SCHEMA_VERSION
+    RESUME: tuple[str, ...] = ()
+
     def __init__(self, group: zarr.Group, path: str):
         self.group = group
         self.path = path
 
-    # --- create / open ---------------------------------------------------------------------------
+    @classmethod
+    def _create_arrays(cls, g: zarr.Group, n: int, dim: int, shard_size: int) -> None:
+        raise NotImplementedError
 
     @classmethod
-    def create_or_resume(cls, path: str | Path, ids: list[str], dim: int, shard_size: int, manifest: dict) -> "GradStore":
+    def create_or_resume(cls, path: str | Path, ids: list[str], dim: int, shard_size: int, manifest: dict):
         """Open the store at `path` to resume it when its manifest matches, else create it."""
         path = str(path)
         if Path(path).exists() or "://" in path:
@@ -67,32 +78,27 @@ class GradStore:
             except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
                 old = None
             if old is not None:
-                check_compatible(old.manifest, manifest, RESUME_KEYS, what=f"{path} and this run")
+                check_compatible(old.manifest, manifest, cls.RESUME, what=f"{path} and this run")
                 return old
         n = len(ids)
         g = zarr.open_group(path, mode="w")
-        comp = (BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),)
-        shards = max(1, -(-n // shard_size))
-        g.create_array("grads", shape=(n, dim), chunks=(shard_size, dim), dtype="float16", compressors=comp, fill_value=0)
-        for name, dt in (("norm", "float32"), ("loss", "float32"), ("n_tokens", "int32")):
-            g.create_array(name, shape=(n,), chunks=(shard_size,), dtype=dt, compressors=comp, fill_value=0)
+        cls._create_arrays(g, n, dim, shard_size)
         g.create_array("ids", shape=(n,), chunks=(max(n, 1),), dtype=str)
-        g.create_array("done", shape=(shards,), chunks=(1,), dtype=bool, fill_value=False)
+        g.create_array("done", shape=(max(1, -(-n // shard_size)),), chunks=(1,), dtype=bool, fill_value=False)
         if n:
             g["ids"][:] = np.asarray(ids, dtype=object).astype(str)
         g.attrs["manifest"] = manifest
         return cls(g, path)
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> "GradStore":
+    def open(cls, path: str | Path, mode: str = "r"):
         g = zarr.open_group(str(path), mode=mode)
-        if "manifest" not in g.attrs:
-            raise KeyError(f"{path}: not an influcoder gradient store (no manifest)")
-        if g.attrs["manifest"].get("schema") != SCHEMA_VERSION:
-            raise StoreMismatch(f"{path}: store schema {g.attrs['manifest'].get('schema')} is not {SCHEMA_VERSION}")
+        m = g.attrs.get("manifest")
+        if m is None or (cls.KIND is not None and m.get("kind") != cls.KIND):
+            raise KeyError(f"{path}: not an influcoder {cls.__name__} (no matching manifest)")
+        if m.get("schema") != cls.SCHEMA:
+            raise StoreMismatch(f"{path}: store schema {m.get('schema')} is not {cls.SCHEMA}")
         return cls(g, str(path))
-
-    # --- shape ---------------------------------------------------------------------------------
 
     @property
     def manifest(self) -> dict:
@@ -100,15 +106,15 @@ class GradStore:
 
     @property
     def n(self) -> int:
-        return self.group["grads"].shape[0]
+        return self.group[self.ROWS].shape[0]
 
     @property
     def dim(self) -> int:
-        return self.group["grads"].shape[1]
+        return self.group[self.ROWS].shape[1]
 
     @property
     def shard_size(self) -> int:
-        return self.group["grads"].chunks[0]
+        return self.group[self.ROWS].chunks[0]
 
     @property
     def n_shards(self) -> int:
@@ -124,6 +130,26 @@ class GradStore:
     @property
     def complete(self) -> bool:
         return not self.pending()
+
+    def ids(self) -> list[str]:
+        return [str(x) for x in self.group["ids"][:]]
+
+    def require_complete(self) -> None:
+        p = self.pending()
+        if p:
+            raise ValueError(f"{self.path}: {len(p)} of {self.n_shards} shards are not done; rerun the job that writes it to finish it")
+
+
+class GradStore(ShardedStore):
+    ROWS = "grads"
+    RESUME = RESUME_KEYS
+
+    @classmethod
+    def _create_arrays(cls, g: zarr.Group, n: int, dim: int, shard_size: int) -> None:
+        comp = (BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),)
+        g.create_array("grads", shape=(n, dim), chunks=(shard_size, dim), dtype="float16", compressors=comp, fill_value=0)
+        for name, dt in (("norm", "float32"), ("loss", "float32"), ("n_tokens", "int32")):
+            g.create_array(name, shape=(n,), chunks=(shard_size,), dtype=dt, compressors=comp, fill_value=0)
 
     # --- rows ------------------------------------------------------------------------------------
 
@@ -141,17 +167,9 @@ class GradStore:
         self.group["n_tokens"][sl] = n_tokens.astype(np.int32)
         self.group["done"][s] = True
 
-    def ids(self) -> list[str]:
-        return [str(x) for x in self.group["ids"][:]]
-
     def grads(self, rows: slice | None = None) -> np.ndarray:
         """(n, d) float16 unit rows."""
         return self.group["grads"][rows or slice(None)]
 
     def array(self, name: str) -> np.ndarray:
         return self.group[name][:]
-
-    def require_complete(self) -> None:
-        p = self.pending()
-        if p:
-            raise ValueError(f"{self.path}: {len(p)} of {self.n_shards} shards are not done; rerun `influcoder gradients` to finish it")
