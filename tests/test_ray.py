@@ -24,27 +24,14 @@ import zarr
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
-from influcoder.config import load_config  # noqa: E402
 from influcoder.gradient_job import run_local  # noqa: E402
 from influcoder.ray_jobs import run_ray  # noqa: E402
 from influcoder.ray_submit import SubmitError, entrypoint  # noqa: E402
 from influcoder.store import StoreMismatch  # noqa: E402
 
+from test_store import arrays, assert_same, tiny  # noqa: E402  (the same store comparisons)
+
 BIN = Path(sys.executable).parent
-
-
-def tiny(root, out, *extra):
-    return load_config(root / "configs" / "tiny.yaml", [f"out_dir={out}", *extra])
-
-
-def arrays(path):
-    g = zarr.open_group(str(path), mode="r")
-    return {k: g[k][:] for k in ("grads", "norm", "loss", "n_tokens", "ids", "done")}
-
-
-def assert_same(a, b):
-    for k in a:
-        assert np.array_equal(a[k], b[k]), k
 
 
 def short_tmp(prefix: str) -> str:
