@@ -105,7 +105,8 @@ def _scaling(dim: int, sizes: list[int], n_queries: int = 50) -> list[dict]:
 
 def query_bench(cfg: Config, n_queries: int = 40, k: int = 10, clients: int = 4, max_seconds: float = 20.0,
                 scale: list[int] | None = None) -> dict:
-    from .engine import Engine, _unit
+    from .engine import Engine
+    from .teacher_score import unit as _unit
     from .gradient_job import default_store_path
     from .index import index_dir
     from .service import create_app

@@ -127,6 +127,12 @@ class TeacherConfig(Section):
     """Share of anchors and of the pool held out to measure the student's fidelity."""
     topk: int = 100
     """Top-k pool rows kept per anchor."""
+    score: Literal["cosine", "centred", "fisher"] = "cosine"
+    """Teacher score: plain gradient `cosine`; `centred` (subtract the pool's mean gradient from both sides first); `fisher` (centred, then the query side multiplied by (F + λI)⁻¹, F the pool's gradient covariance: directions every training example shares count less)."""
+    score_damping: float = 0.1
+    """λ of the `fisher` score, relative to the mean non-zero eigenvalue of F."""
+    score_sample: int = 4096
+    """Pool rows (a seeded sample) the `centred`/`fisher` statistics are fitted on; all rows when the pool is smaller."""
 
 
 class StudentConfig(Section):
@@ -258,6 +264,8 @@ class FinetuneConfig(Section):
     """Seed of data order and the adapter's initialisation."""
     torch_threads: int | None = None
     """Torch threads for the fine-tune; empty: torch's default (all cores)."""
+    checkpoints: int = 1
+    """Adapters saved at evenly spaced steps under finetune/checkpoints/ (the last is the final one), each with the mean learning rate of the stretch it closes: what the TracIn/LESS `checkpoints` teacher sums over."""
 
 
 class PlantedConfig(Section):
@@ -277,8 +285,10 @@ class PlantedConfig(Section):
     """Jigsaw toxic comments (fields text, toxic); also trains the unsafe-output classifier for hh/jigsaw."""
     seeds: list[int] = [0]
     """One pool, fine-tune and ranking per seed; the report gives mean and spread."""
-    teacher_variants: list[Literal["none", "second_moment", "adam"]] = ["none", "second_moment"]
-    """Gradient preconditioners ranked as teachers in the same run."""
+    teacher_variants: list[Literal["none", "second_moment", "adam", "checkpoints"]] = ["none", "second_moment", "adam", "checkpoints"]
+    """Gradient passes ranked as teachers in the same run: plain (`none`), `second_moment` (TrackStar-style normalisation), `adam` (LESS's Adam direction), `checkpoints` (plain gradients at finetune.checkpoints (≥ 2) saved adapters, summed with their learning rates)."""
+    teacher_scores: list[Literal["cosine", "centred", "fisher"]] = ["cosine", "centred", "fisher"]
+    """Score corrections applied to every gradient pass (see teacher.score); each pass × score is one teacher row."""
     n_generate: int = 20
     """Held-out prompts completed to measure the unsafe-output rate."""
     max_new_tokens: int = 48

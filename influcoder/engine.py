@@ -23,6 +23,7 @@ import numpy as np
 from .config import Config, IndexConfig
 from .data import Record
 from .index import IndexVersion, dir_sha256, encoder_dir, load_student, open_index, run_config, search, tune
+from .teacher_score import ScoreTransform, raw_rows
 
 OOD_NOTE = ("The best match is weaker than for almost all queries the student was distilled on: the student is "
             "off its training distribution, so treat these rankings as weak evidence (re-rank with the teacher if you can).")
@@ -66,15 +67,10 @@ def input_record(inp: dict[str, Any], i: int = 0) -> Record:
     return Record(f"query-{i}", prompt=inp["prompt"], response=inp["response"], source=f"inputs.{i}")
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float32)
-    n = np.linalg.norm(x, axis=-1, keepdims=True)
-    return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
-
-
 class TeacherScorer:
     """Exact teacher scores: the query's sketched LoRA gradient (decoder backward, the run's
-    settings) against the stored pool rows of the candidates."""
+    settings) against the stored pool rows of the candidates, with the teacher's score correction
+    (teacher.zarr's score_transform.npz; plain cosine when the run has no teacher)."""
 
     def __init__(self, cfg: Config):
         from .gradient_job import GradientWorker, default_store_path
@@ -96,6 +92,10 @@ class TeacherScorer:
         except (ValueError, RuntimeError, OSError, KeyError) as e:  # ModelError, StoreMismatch, PreconditionerError, …
             raise RerankUnavailable(f"the teacher cannot re-rank with the run at {cfg.run_dir}: {e}") from e
         pin_threads(cfg.index)  # the worker set torch's threads for gradient jobs
+        from .teacher import TRANSFORM_FILE, teacher_path
+
+        tf = teacher_path(cfg) / TRANSFORM_FILE
+        self.transform = ScoreTransform.load(tf) if tf.is_file() else ScoreTransform("cosine")
         self.cfg = cfg
         self.ids = self.store.ids()
         self.row_of = {x: i for i, x in enumerate(self.ids)}
@@ -107,14 +107,14 @@ class TeacherScorer:
 
         with self.lock:
             ex, _ = tokenize_records(records, self.worker.decoder.tokenizer, self.cfg.data.max_length, self.cfg.data.chat_template)
-            V = _unit(self.worker.vectors(ex)[0])  # (n_queries, d)
+            V = self.transform.query(self.worker.vectors(ex)[0])  # (n_queries, d) unit rows
         out = []
         for v, cands in zip(V, candidates):
             have = sorted({self.row_of[c] for c in cands if c in self.row_of})
             if not have:
                 out.append({})
                 continue
-            G = _unit(self.store.group["grads"].get_orthogonal_selection((np.asarray(have), slice(None))))  # (m, d)
+            G = self.transform.pool(raw_rows(self.store, have))  # (m, d) unit rows
             out.append(dict(zip([self.ids[r] for r in have], (G @ v).tolist())))
         return out
 

@@ -26,6 +26,7 @@ from .models import load_decoder, load_encoder
 from .planted import UnsafeDetector, build_pool, unsafe_rate
 from .store import GradStore
 from .teacher import build_teacher
+from .teacher_score import ScoreTransform, checkpoint_sum, raw_rows
 
 
 def _derived(cfg: Config, root: Path, name: str, **sections) -> Config:
@@ -53,14 +54,33 @@ def bm25_scores(queries: list[str], docs: list[str]) -> np.ndarray:
     return total / max(len(queries), 1)
 
 
-def _grad_scores(run_cfg: Config) -> tuple[np.ndarray, float]:
-    """Mean cosine of each pool row's gradient to the references' gradients."""
+def _grad_matrices(run_cfg: Config) -> tuple[np.ndarray, np.ndarray, float]:
+    """Raw sketched gradients of the pool (n, d) and the references (r, d), and the seconds it took."""
     (_, t1) = _timed(lambda: run_job(run_cfg, "pool", progress=False))
     (_, t2) = _timed(lambda: run_job(run_cfg, "queries", progress=False))
-    t0 = time.perf_counter()
-    P = GradStore.open(default_store_path(run_cfg, "pool")).grads().astype(np.float32)
-    R = GradStore.open(default_store_path(run_cfg, "queries")).grads().astype(np.float32)
-    return (P @ R.T).mean(1), t1 + t2 + time.perf_counter() - t0
+    P = raw_rows(GradStore.open(default_store_path(run_cfg, "pool")))
+    R = raw_rows(GradStore.open(default_store_path(run_cfg, "queries")))
+    return P, R, t1 + t2
+
+
+def _teacher_scores(P: np.ndarray, R: np.ndarray, kinds: list[str], damping: float) -> dict[str, tuple[np.ndarray, float]]:
+    """Per score kind: (pool,) mean corrected cosine to the references, and its seconds."""
+    out = {}
+    for kind in kinds:
+        t0 = time.perf_counter()
+        s = ScoreTransform.fit(kind, P, damping).scores(R, P).mean(0)
+        out[kind] = (s, time.perf_counter() - t0)
+    return out
+
+
+def rrf(*scores: np.ndarray, k: int = 60) -> np.ndarray:
+    """Reciprocal-rank fusion: Σ 1/(k + rank), rank 1 = highest score."""
+    total = np.zeros(len(scores[0]))
+    for s in scores:
+        ranks = np.empty(len(s))
+        ranks[np.argsort(-np.asarray(s), kind="stable")] = np.arange(1, len(s) + 1)
+        total += 1.0 / (k + ranks)
+    return total
 
 
 def _encoder_scores(model, pool: list[str], refs: list[str], cfg: Config) -> tuple[np.ndarray, float]:
@@ -84,10 +104,12 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
     labels = np.array([bool(r.meta.get("planted")) for r in pool])
     pool_texts, ref_texts = [r.as_text() for r in pool], [r.as_text() for r in refs]
     n_planted = int(labels.sum())
-    ft_cfg = _derived(cfg, root, "finetune", finetune=cfg.finetune.model_copy(update={"seed": seed}))
+    n_ckpt = max(cfg.finetune.checkpoints, 2 if "checkpoints" in p.teacher_variants else 1)
+    ft_cfg = _derived(cfg, root, "finetune", finetune=cfg.finetune.model_copy(update={"seed": seed, "checkpoints": n_ckpt}))
     adapter = str(adapter_path(ft_cfg))
     ft_seconds = 0.0
-    if not (Path(adapter) / "adapter_config.json").is_file():
+    done = finetune_dir(ft_cfg) / "finetune.json"
+    if not done.is_file() or len(json.loads(done.read_text()).get("checkpoints") or [None]) < n_ckpt:
         _, ft_seconds = _timed(lambda: finetune(ft_cfg, progress=progress))
 
     detector = UnsafeDetector(p.kinds, p.jigsaw_path)
@@ -97,13 +119,39 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
     scores: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     teachers = {}
+    computed: dict[str, tuple[dict, float]] = {}  # pass -> (scores by kind, gradient seconds)
+    ft_report = json.loads((finetune_dir(ft_cfg) / "finetune.json").read_text())
     for variant in p.teacher_variants:
-        g = cfg.gradients.model_copy(update={"preconditioner": variant,
+        ckpts = [{"path": adapter, "lr": 1.0}]
+        if variant == "checkpoints":
+            ckpts = ft_report.get("checkpoints") or []
+            if len(ckpts) < 2:
+                raise ValueError("teacher variant `checkpoints` needs finetune.checkpoints ≥ 2")
+        precond = variant if variant in ("second_moment", "adam") else "none"
+        g = cfg.gradients.model_copy(update={"preconditioner": precond,
                                              "adam_state": str(finetune_dir(ft_cfg) / "adam.safetensors") if variant == "adam" else None})
-        run_cfg = _derived(cfg, root, f"teacher-{variant}", gradients=g, model=cfg.model.model_copy(update={"adapter": adapter, "target": "finetuned"}))
-        scores[f"teacher ({variant})"], seconds[f"teacher ({variant})"] = _grad_scores(run_cfg)
-        teachers[variant] = run_cfg
-    # The student copies the configured teacher.
+        per_ckpt, t_grads = [], 0.0
+        for i, c in enumerate(ckpts):
+            last = i == len(ckpts) - 1
+            if variant == "checkpoints" and last and "none" in computed:  # the last checkpoint is the final adapter
+                per_ckpt.append(computed["none"][0])
+                t_grads += computed["none"][1]
+                continue
+            name = f"teacher-{variant}" + (f"-{i}" if variant == "checkpoints" else "")
+            run_cfg = _derived(cfg, root, name, gradients=g, model=cfg.model.model_copy(update={"adapter": c["path"], "target": "finetuned"}))
+            P, R, t = _grad_matrices(run_cfg)
+            per_ckpt.append(_teacher_scores(P, R, p.teacher_scores, cfg.teacher.score_damping))
+            t_grads += t
+            computed[variant] = (per_ckpt[-1], t)
+            if variant != "checkpoints":
+                teachers[variant] = run_cfg
+        for kind in p.teacher_scores:
+            label = f"teacher ({'plain' if variant == 'none' else variant}, {kind})"
+            scores[label] = checkpoint_sum([pc[kind][0] for pc in per_ckpt], [c["lr"] for c in ckpts])
+            seconds[label] = t_grads + sum(pc[kind][1] for pc in per_ckpt)
+    # The student copies the configured teacher (preconditioner and score).
+    if not teachers:
+        raise ValueError("planted.teacher_variants needs one single-checkpoint pass (none, second_moment or adam) for the student to copy")
     main = teachers.get(cfg.gradients.preconditioner) or next(iter(teachers.values()))
     (_, t_teacher) = _timed(lambda: build_teacher(main))
     fid, t_distill = _timed(lambda: distill(main, progress=progress))
@@ -115,6 +163,9 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
     seconds["TF-IDF"] = time.perf_counter() - t0
     scores["BM25"], seconds["BM25"] = _timed(lambda: bm25_scores(ref_texts, pool_texts))
     scores["random"], seconds["random"] = np.random.default_rng(seed).random(len(pool)), 0.0
+    for lexical in ("BM25", "TF-IDF"):  # fusion candidates for flagging (the pure scores stay above)
+        scores[f"student + {lexical} (RRF)"] = rrf(scores["influcoder student"], scores[lexical])
+        seconds[f"student + {lexical} (RRF)"] = seconds["influcoder student"] + seconds[lexical]
 
     methods = {m: {"auprc": auprc(labels, s), "recall@planted": recall_of_planted_at_k(labels, s, n_planted),
                    "precision@10": precision_at_k(labels, s, 10), "seconds": round(seconds[m], 3)} for m, s in scores.items()}
@@ -165,8 +216,11 @@ def _plots(results: list[dict], agg: dict, out: Path) -> list[str]:
 
     first = np.load(Path(results[0]["pool"]["pool"]).parent / "scores.npz")
     labels = first["labels"]
+    teachers = [m for m in agg if m.startswith("teacher")]
+    best = max(teachers, key=lambda m: agg[m]["auprc"]["mean"]) if teachers else None
+    shown = [m for m in results[0]["methods"] if not m.startswith("teacher") or m in (best, teachers[0])]
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for m in results[0]["methods"]:
+    for m in shown:
         prec, rec, _ = precision_recall_curve(labels, first[m.replace(" ", "_")])
         ax.plot(rec, prec, label=f"{m} (AP {results[0]['methods'][m]['auprc']:.2f})")
     ax.set(xlabel="recall of planted rows", ylabel="precision", title=f"planted retrieval (seed {results[0]['seed']})")

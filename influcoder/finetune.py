@@ -44,7 +44,7 @@ class _Examples(torch.utils.data.Dataset):
 
 def finetune(cfg: Config, progress: bool = True) -> dict:
     """Train a fresh LoRA (model.lora, seeded by finetune.seed) on the pool; returns the report."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     class _Bar(ProgressCallback):
@@ -80,6 +80,28 @@ def finetune(cfg: Config, progress: bool = True) -> dict:
     )
     trainer = _Trainer(model=model, args=args, train_dataset=_Examples(examples),
                        data_collator=lambda batch: collate(batch, tok.pad_token_id))
+    saved: list[dict] = []
+
+    class _Checkpoints(TrainerCallback):
+        """Save the adapter at evenly spaced steps with the mean lr since the previous save."""
+        def __init__(self):
+            self.lrs: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.lrs.append(float(kw["lr_scheduler"].get_last_lr()[0]))  # the lr this step uses
+
+        def on_step_end(self, args, state, control, **kw):
+            k = max(1, f.checkpoints)
+            marks = {round(state.max_steps * (i + 1) / k) for i in range(k)}
+            if state.global_step in marks:
+                path = work / "checkpoints" / f"step-{state.global_step}"
+                model.save_pretrained(path)
+                saved.append({"path": str(out / "checkpoints" / path.name), "step": state.global_step,
+                              "lr": sum(self.lrs) / len(self.lrs)})
+                self.lrs = []
+
+    if f.checkpoints > 1:
+        trainer.add_callback(_Checkpoints())
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if progress:
@@ -97,7 +119,7 @@ def finetune(cfg: Config, progress: bool = True) -> dict:
         "adapter": str(adapter_path(cfg)), "base_model": cfg.model.name, "examples": len(examples),
         "tokens": stats.n_tokens, "seconds": round(seconds, 1), "train_loss": result.training_loss,
         "log": [h for h in trainer.state.log_history if "loss" in h], "settings": f.model_dump(),
-        "lora": mcfg.lora.model_dump(),
+        "lora": mcfg.lora.model_dump(), "checkpoints": saved,
     }
     (work / "finetune.json").write_text(json.dumps(report, indent=2) + "\n")
     shutil.rmtree(work / "trainer", ignore_errors=True)

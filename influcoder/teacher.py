@@ -20,12 +20,25 @@ from . import __version__
 from .config import Config
 from .gradient_job import default_store_path
 from .store import GradStore, StoreMismatch, check_compatible
+from .teacher_score import ScoreTransform, raw_rows
 
 TEACHER_VERSION = 1
+TRANSFORM_FILE = "score_transform.npz"
 
 
 def teacher_path(cfg: Config) -> Path:
     return cfg.run_dir / "teacher.zarr"
+
+
+def fit_transform(cfg: Config, pool: GradStore) -> ScoreTransform:
+    """The configured teacher score, fitted on (a seeded sample of) the pool's raw gradients."""
+    t = cfg.teacher
+    if t.score == "cosine":
+        return ScoreTransform("cosine")
+    rows = np.arange(pool.n)
+    if pool.n > t.score_sample:
+        rows = np.sort(np.random.default_rng(cfg.seed).choice(pool.n, t.score_sample, replace=False))
+    return ScoreTransform.fit(t.score, raw_rows(pool, rows), t.score_damping)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -80,7 +93,8 @@ def build_teacher(cfg: Config, out: str | Path | None = None, chunk_rows: int = 
     pool_rows = np.setdiff1d(np.arange(n), data_anchor)
     pool_ids = np.asarray(pool.ids(), dtype=object)
 
-    anchors = [pool.grads(slice(None))[data_anchor]] if n_data else []
+    tf = fit_transform(cfg, pool)
+    anchors = [raw_rows(pool, data_anchor)] if n_data else []
     anchor_ids = list(pool_ids[data_anchor])
     source = ["pool"] * n_data
     qpath = default_store_path(cfg, "queries")
@@ -92,13 +106,13 @@ def build_teacher(cfg: Config, out: str | Path | None = None, chunk_rows: int = 
         q.require_complete()
         check_compatible(pool.manifest, q.manifest, what="pool and query gradient stores")
         _check_preconditioners(pool.manifest, q.manifest)
-        anchors.append(q.grads())
+        anchors.append(raw_rows(q))
         anchor_ids += q.ids()
         source += ["queries"] * q.n
         queries_manifest = q.manifest
     if not anchor_ids:
         raise ValueError("no anchors: set teacher.n_anchors > 0 or name query sets in data.queries")
-    A = _unit(np.concatenate(anchors))  # (n_anchors, d)
+    A = tf.query(np.concatenate(anchors))  # (n_anchors, d) unit rows
 
     final = Path(out) if out else teacher_path(cfg)
     tmp = final.with_name(final.name + ".part")
@@ -109,7 +123,7 @@ def build_teacher(cfg: Config, out: str | Path | None = None, chunk_rows: int = 
     full = np.empty((na, npool), np.float32)
     for start in range(0, npool, chunk_rows):
         rows = pool_rows[start:start + chunk_rows]
-        block = _unit(pool.group["grads"].get_orthogonal_selection((rows, slice(None))))
+        block = tf.pool(raw_rows(pool, rows))
         full[:, start:start + len(rows)] = A @ block.T
     scores[:] = full.astype(np.float16)
     k = min(t.topk, npool)
@@ -123,7 +137,8 @@ def build_teacher(cfg: Config, out: str | Path | None = None, chunk_rows: int = 
     g.create_array("anchor_eval", data=_split(na, t.eval_fraction, rng))
     g.create_array("pool_eval", data=_split(npool, t.eval_fraction, rng))
     g.attrs["manifest"] = {
-        "teacher_version": TEACHER_VERSION, "score": "cosine of stored (sketched, preconditioned) gradients",
+        "teacher_version": TEACHER_VERSION, "score": tf.kind, "score_damping": tf.damping,
+        "score_note": "cosine of stored (sketched, preconditioned) gradients after the score's correction",
         "gradients": {k: pool.manifest[k] for k in ("model", "loss", "sketch", "preconditioner", "a_gradients")},
         "pool_store": str(pool.path), "pool_fingerprint": pool.manifest["dataset"]["fingerprint"],
         "queries_fingerprint": queries_manifest["dataset"]["fingerprint"] if queries_manifest else None,
@@ -131,6 +146,7 @@ def build_teacher(cfg: Config, out: str | Path | None = None, chunk_rows: int = 
         "eval_fraction": t.eval_fraction, "influcoder_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    tf.save(tmp / TRANSFORM_FILE)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     tch = Teacher.open(final)

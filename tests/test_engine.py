@@ -114,6 +114,29 @@ def test_rerank_equals_the_exact_teacher_cosine(cfg, engine):
         assert {h["id"]: h["student_score"] for h in ans["results"]} == {h["id"]: h["score"] for h in before["results"]}
 
 
+def test_rerank_uses_the_teachers_score_correction(cfg, tmp_path):
+    from influcoder.data import load_split
+    from influcoder.engine import TeacherScorer
+    from influcoder.gradient_job import default_store_path
+    from influcoder.store import GradStore
+    from influcoder.teacher import TRANSFORM_FILE, build_teacher, teacher_path
+    from influcoder.teacher_score import ScoreTransform, raw_rows
+
+    shutil.copytree(cfg.run_dir, tmp_path / cfg.name, ignore=shutil.ignore_patterns("index*"))
+    c = cfg.model_copy(update={"out_dir": str(tmp_path), "teacher": cfg.teacher.model_copy(update={"score": "fisher"})})
+    build_teacher(c)
+    qrecs = load_split(c.data, "queries")[0][:2]
+    pool, qstore = GradStore.open(default_store_path(c, "pool")), GradStore.open(default_store_path(c, "queries"))
+    cands = pool.ids()[:15]
+    got = TeacherScorer(c).scores(qrecs, [cands, cands])
+    tf = ScoreTransform.load(teacher_path(c) / TRANSFORM_FILE)
+    want = tf.scores(raw_rows(qstore, [qstore.ids().index(r.id) for r in qrecs]), raw_rows(pool, list(range(15))))
+    plain = ScoreTransform("cosine").scores(raw_rows(qstore, [qstore.ids().index(r.id) for r in qrecs]), raw_rows(pool, list(range(15))))
+    for i in range(2):
+        g = np.array([got[i][x] for x in cands])
+        assert np.allclose(g, want[i], atol=3e-3) and not np.allclose(g, plain[i], atol=3e-2)
+
+
 def test_rerank_needs_the_gradient_store(engine, tmp_path):
     moved = Engine.load(engine.path, run_dir=tmp_path / "nowhere")
     with pytest.raises(RerankUnavailable):

@@ -54,8 +54,12 @@ def test_eval_planted_end_to_end_on_tiny(root, tmp_path):
         "ray.num_workers=0"])  # in-process gradients: many small jobs; Ray has its own tests
     rep = planted_eval(cfg, out_json=tmp_path / "out.json")
     assert json.loads((tmp_path / "out.json").read_text())["aggregate"] == rep["aggregate"]
-    want = {"teacher (none)", "teacher (second_moment)", "influcoder student", "untrained student", "TF-IDF", "BM25", "random"}
+    teachers = {f"teacher ({v}, {s})" for v in ("plain", "second_moment", "adam", "checkpoints") for s in ("cosine", "centred", "fisher")}
+    want = teachers | {"influcoder student", "untrained student", "TF-IDF", "BM25", "random",
+                       "student + BM25 (RRF)", "student + TF-IDF (RRF)"}
     assert set(rep["aggregate"]) == want
+    ckpts = json.loads((tmp_path / "tiny" / "planted" / "seed0" / "finetune" / "finetune" / "finetune.json").read_text())["checkpoints"]
+    assert len(ckpts) == 2
     for seed in rep["seeds"]:
         assert seed["n_planted"] == 6 and seed["n_pool"] == 126
         for m in seed["methods"].values():

@@ -40,3 +40,19 @@ def test_gradients_default_to_the_finetuned_adapter(root, tmp_path):
     assert m["model"]["target"] == "finetuned" and m["model"]["adapter"]["path"] == str(adapter_path(cfg))
     assert m["a_gradients"] == "included" and len(m["model"]["adapter"]["sha256"]) == 64
     assert any(k.endswith(".A") for k in m["modules"])
+
+
+def test_finetune_saves_evenly_spaced_checkpoints_with_their_learning_rates(root, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = load_config(root / "configs" / "tiny.yaml", [f"out_dir={tmp_path}", "finetune.lr=3e-3", "finetune.checkpoints=3",
+                                                       "data.demo.n=96", "finetune.warmup_ratio=0"])
+    rep = finetune(cfg, progress=False)
+    ck = rep["checkpoints"]
+    assert [c["step"] for c in ck] == [4, 8, 12]  # 96 rows / batch 8 = 12 steps
+    lrs = [c["lr"] for c in ck]
+    assert lrs[0] > lrs[1] > lrs[2] > 0 and abs(lrs[0] - 3e-3 * (1 - 1.5 / 12)) < 1e-5  # linear decay, mean of steps 0..3
+    first, last = (load_file(f"{c['path']}/adapter_model.safetensors") for c in (ck[0], ck[-1]))
+    final = load_file(f"{adapter_path(cfg)}/adapter_model.safetensors")
+    assert all(torch.equal(last[k], final[k]) for k in final)  # the last checkpoint is the final adapter
+    assert any(not torch.equal(first[k], final[k]) for k in final)

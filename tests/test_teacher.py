@@ -61,3 +61,30 @@ def test_mismatched_query_store_is_refused(tiny_run, tmp_path):
     shutil.copytree(tmp_path / "q.zarr", other.run_dir / "grads-queries.zarr")
     with pytest.raises(StoreMismatch, match="sketch.seed: 0 != 9"):
         build_teacher(other)
+
+
+@pytest.mark.parametrize("score", ["centred", "fisher"])
+def test_corrected_teacher_equals_brute_force(tiny_run, tmp_path, score):
+    from influcoder.teacher import TRANSFORM_FILE
+    from influcoder.teacher_score import ScoreTransform
+
+    cfg = tiny_run.model_copy(update={"teacher": tiny_run.teacher.model_copy(update={"score": score})})
+    build_teacher(cfg, out=tmp_path / "t.zarr")
+    t = Teacher.open(tmp_path / "t.zarr")
+    pool, queries = GradStore.open(default_store_path(cfg, "pool")), GradStore.open(default_store_path(cfg, "queries"))
+
+    def raw(s):
+        return s.grads().astype(np.float64) * s.group["norm"][:][:, None]
+
+    vecs = dict(zip(pool.ids(), raw(pool))) | dict(zip(queries.ids(), raw(queries)))
+    mu = raw(pool).mean(0)  # the statistics come from every pool row (anchors included)
+    A = np.stack([vecs[i] for i in t.anchor_ids]) - mu
+    P = np.stack([vecs[i] for i in t.pool_ids]) - mu
+    if score == "fisher":
+        C = raw(pool) - mu
+        F = C.T @ C / len(C)
+        lam = ScoreTransform.load(tmp_path / "t.zarr" / TRANSFORM_FILE).damping
+        A = np.linalg.solve(F + lam * np.eye(len(F)), A.T).T
+    brute = unit(A) @ unit(P).T
+    assert np.abs(t.scores() - brute).max() < 5e-3  # float16 gradients and scores
+    assert t.manifest["score"] == score
