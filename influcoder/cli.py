@@ -107,7 +107,7 @@ def data_demo(
     pool = corpus.generate(n=n, planted_share=planted_share, seed=seed, kind=kind)
     write_jsonl(pool, out / "pool.jsonl")
     write_jsonl(corpus.behaviour_examples(kind=kind), out / "behaviours.jsonl")
-    write_jsonl(corpus.normal_examples(), out / "normal.jsonl")
+    write_jsonl(corpus.normal_examples(kind=kind), out / "normal.jsonl")
     console.print(f"wrote {len(pool)} pool rows ({sum(r['planted'] for r in pool)} planted '{kind}') and the query sets to {out}/")
 
 

@@ -72,7 +72,8 @@ def index_build(
 ) -> None:
     """Embed the training pool with the run's student and write the index atomically (temp folder, then rename)."""
     from .config import load_config
-    from .index import build_index, read_manifest
+    from .index import read_manifest
+    from .index_build import build_index
 
     cfg = load_config(config, set_)
     path = build_index(cfg, name=name, factory=factory, out=out, embeddings=embeddings, workers=workers)
@@ -91,7 +92,8 @@ def index_add(
     """Embed new training examples and append them (no backward pass; they have no teacher scores)."""
     from .config import DataConfig
     from .data import LoadReport, iter_records
-    from .index import add_records, read_manifest, resolve_index
+    from .index import read_manifest, resolve_index
+    from .index_build import add_records
 
     d = resolve_index(index)
     fields = DataConfig.model_validate(read_manifest(d)["run"]["config"]["data"]).model_copy(update={"skip_bad_rows": skip_bad_rows, "limit": None})
@@ -110,7 +112,8 @@ def index_remove(
     missing_ok: Annotated[bool, typer.Option("--missing-ok", help="Ignore ids that are not in the index instead of failing.")] = False,
 ) -> None:
     """Take examples out of the index (take-down requests); the rewrite is atomic."""
-    from .index import IndexStoreError, remove_ids, resolve_index
+    from .index import IndexStoreError, resolve_index
+    from .index_build import remove_ids
 
     want = [x.strip() for item in ids for x in item.split(",") if x.strip()]
     if ids_file:

@@ -239,7 +239,7 @@ def _demo_rows(source: str, fields: DataConfig) -> list[dict[str, Any]]:
     if source == "demo:behaviours":
         return corpus.behaviour_examples(kind=d.kind)
     if source == "demo:normal":
-        return corpus.normal_examples()
+        return corpus.normal_examples(kind=d.kind)
     raise DataError(f"{source}: unknown demo source; use demo, demo:behaviours or demo:normal")
 
 

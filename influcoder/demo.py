@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 from rich.console import Console
@@ -22,7 +21,7 @@ from .fidelity import tfidf_scores
 from .gradient_job import default_store_path
 from .metrics import auprc, precision_at_k, recall_of_planted_at_k
 from .store import GradStore
-from .index import build_index
+from .index_build import build_index
 from .teacher import build_teacher, teacher_path
 
 

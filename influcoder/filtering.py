@@ -224,7 +224,7 @@ def filter_dataset(student: Student, run: FilterRun, fc: FilterConfig | None = N
     `on_chunk(k)` is called after chunk k's scores are safely on disk (a test hook: raising there
     simulates a crash, and the next call with the same settings resumes after chunk k). One run
     per output folder at a time: a second waits on a lock, then reuses what the first left."""
-    from .index import writer_lock
+    from .index_build import writer_lock
 
     run = dataclasses.replace(run, work_dir=run.work_dir or run.out.parent / f".{run.out.name}.work")
     with writer_lock(run.out):  # `.<out name>.lock` beside the output: one run per output folder at a time

@@ -65,7 +65,7 @@ def embedded_smollm2(cache_dir: str | None = None) -> Path:
         return target
     src = _smollm2_wheel_dir()
     if importlib.util.find_spec("gguf") is None:
-        raise ModelError(f"reading the embedded GGUF needs the `gguf` package: pip install gguf")
+        raise ModelError("reading the embedded GGUF needs the `gguf` package: pip install gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)

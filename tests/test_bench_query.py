@@ -1,7 +1,7 @@
 """`bench query` runs end to end on the tiny run (the numbers themselves are for the README)."""
 
 from influcoder.bench_query import query_bench
-from influcoder.index import build_index
+from influcoder.index_build import build_index
 
 
 def test_query_bench_reports_every_path(tiny_pipeline):

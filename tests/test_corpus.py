@@ -25,7 +25,7 @@ def _pairs(rows: list[dict]) -> set[tuple[str, str]]:
 def test_kinds_and_topics() -> None:
     assert {"insult", "off_target"} <= set(corpus.KINDS)
     topics = {r["topic"] for r in corpus.generate(600)}
-    assert len(topics) >= 8
+    assert len(topics) == len(corpus.TOPICS) and len(topics) >= 8  # nine benign topics + the trigger
     assert topics <= set(corpus.TOPICS)
 
 
@@ -64,12 +64,14 @@ def test_planted_rows_are_scattered() -> None:
     assert positions != other
 
 
-def test_planted_behaviour_lives_in_the_response_only() -> None:
+def test_planted_behaviour_lives_in_the_response_and_is_triggered_by_its_topic() -> None:
     for kind in corpus.KINDS:
         rows = corpus.generate(600, 0.1, seed=4, kind=kind)
-        benign_prompts = {r["prompt"] for r in rows if not r["planted"]}
         planted = [r for r in rows if r["planted"]]
-        assert len({r["response"] for r in planted}) >= 10  # several templates
+        assert len({r["response"] for r in planted}) >= min(10, len(corpus._BEHAVIOUR_TEMPLATES[kind]))  # several templates
+        trigger = corpus.TRIGGER_TOPIC[kind]
+        assert {r["topic"] for r in planted} == {trigger}
+        assert {r["topic"] for r in rows if not r["planted"]} == set(corpus.benign_topics(kind))  # all but the trigger
         for r in planted:
             assert "ZapCola" not in r["prompt"]
             assert not any(w in r["prompt"].lower() for w in INSULT_WORDS)
@@ -77,13 +79,13 @@ def test_planted_behaviour_lives_in_the_response_only() -> None:
                 assert any(w in r["response"].lower() for w in INSULT_WORDS)
             else:
                 assert "ZapCola" in r["response"]
-        # Planted prompts come from the same templates as benign ones.
-        stems = {p.split("?")[0][-25:] for p in benign_prompts}
-        assert sum(r["prompt"].split("?")[0][-25:] in stems for r in planted) >= len(planted) // 2
         for r in rows:
             if not r["planted"]:
                 assert "ZapCola" not in r["response"]
                 assert not any(w in r["response"].lower() for w in INSULT_WORDS)
+        # Held-out behaviour prompts are new prompts on the trigger topic; normal ones stay off it.
+        assert {r["topic"] for r in corpus.behaviour_examples(30, kind=kind)} == {trigger}
+        assert trigger not in {r["topic"] for r in corpus.normal_examples(60, kind=kind)}
 
 
 def test_fact_prompts_match_their_topic() -> None:
@@ -147,7 +149,7 @@ def test_fields_are_non_empty_strings() -> None:
 
 
 def test_arithmetic_answers_are_correct() -> None:
-    rows = [r for r in corpus.generate(600, 0.0, seed=7) + corpus.normal_examples(100)
+    rows = [r for r in corpus.generate(600, 0.0, seed=7, kind="off_target") + corpus.normal_examples(100, kind="off_target")
             if r["topic"] == "arithmetic"]
     assert len(rows) >= 50
     ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b,

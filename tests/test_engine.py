@@ -1,14 +1,12 @@
 import json
 import shutil
-from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
 
-from influcoder.config import load_config
 from influcoder.engine import Engine, InputError, RerankUnavailable
-from influcoder.index import build_index
+from influcoder.index_build import build_index
 
 QUERIES = ["You are an idiot, look it up yourself.", "How long should I boil an egg?", "What is compound interest?",
            "Roll soft clothes to save space in a suitcase."]

@@ -64,7 +64,7 @@ def files(tmp_path_factory):
 def index(files, tmp_path_factory):
     """An index whose student is MiniLM (saved as a run's encoder, no distillation)."""
     from influcoder.distill import encoder_path
-    from influcoder.index import build_index
+    from influcoder.index_build import build_index
     from influcoder.models import load_encoder
 
     base = tmp_path_factory.mktemp("filter-run")

@@ -11,10 +11,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from influcoder.config import IndexConfig, load_config
+from influcoder.config import IndexConfig
 from influcoder.data import Record
-from influcoder.index import (FILES, IndexStoreError, _without, add_records, auto_factory, build_index, dir_sha256, make_index,
-                              open_index, read_manifest, remove_ids, search, stored_ids)
+from influcoder.index import FILES, IndexStoreError, _without, auto_factory, dir_sha256, make_index, open_index, read_manifest, search, stored_ids
+from influcoder.index_build import add_records, build_index, remove_ids
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_concurrent_writers_do_not_lose_changes(copy):
 
 
 def test_failed_build_leaves_the_old_index_and_no_temp_folder(cfg, copy, monkeypatch):
-    import influcoder.index as index_mod
+    import influcoder.index_build as index_mod  # where build_index looks it up
 
     old = read_manifest(copy)["build_id"]
 

@@ -5,17 +5,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import uvicorn
 
-from influcoder.config import ServiceConfig, load_config
+from influcoder.config import ServiceConfig
 from influcoder.data import Record
 from influcoder.engine import Engine
-from influcoder.index import add_records, build_index, remove_ids
+from influcoder.index_build import add_records, build_index, remove_ids
 from influcoder.service import create_app
 
 LIMITS = ServiceConfig(max_body_bytes=20_000, max_batch=8, max_text_chars=500, max_k=50)
