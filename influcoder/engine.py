@@ -276,29 +276,6 @@ class Engine:
         scored.sort(key=lambda h: -h["score"])
         return [{**h, "rank": i + 1} for i, h in enumerate(scored + rest)]
 
-    def flag(self, inputs: list[dict[str, Any]], k: int = 100, aggregate: str = "mean", q: np.ndarray | None = None) -> dict:
-        """Training rows most implicated in a set of behaviour examples.
-
-        `mean`: mean cosine to the behaviours, i.e. one search with the mean query vector (exact on a
-        Flat index). `max`: each behaviour's top-k merged by the best score per row."""
-        if q is None:
-            q = self.embed_queries([input_record(x, i).as_text() for i, x in enumerate(inputs)])  # (m, dim)
-        if aggregate == "mean":
-            D, I = self.search(q.mean(0, keepdims=True), k)
-            hits = self._hits(D[0], I[0])
-        elif aggregate == "max":
-            D, I = self.search(q, k)
-            best: dict[int, float] = {}
-            for f, s in zip(I.ravel().tolist(), D.ravel().tolist()):
-                if f >= 0 and s > best.get(f, -np.inf):
-                    best[f] = s
-            top = sorted(best.items(), key=lambda t: -t[1])[:k]
-            hits = self._hits(np.array([s for _, s in top], np.float32), np.array([f for f, _ in top], np.int64))
-        else:
-            raise InputError("aggregate", "must be `mean` or `max`")
-        exact = self.manifest["factory"] == "Flat"
-        return {"results": hits, "aggregate": aggregate, "n_examples": int(len(q)), "exact": exact}
-
     def example(self, id_: str) -> dict | None:
         row = self.row_of_id.get(id_)
         if row is None:

@@ -142,12 +142,14 @@ def test_rerank_needs_the_gradient_store(engine, tmp_path):
 
 
 def test_flag_scores_rows_by_similarity_to_the_behaviours(cfg, engine, brute):
+    from influcoder.filter_index import flag_index
+
     ids, P, model = brute
     behaviours = ["Look it up yourself, idiot.", "Nobody with half a brain would ask that."]
     Q = model.encode(behaviours, prompt=cfg.student.query_prompt, normalize_embeddings=True)
     S = Q @ P.T  # (behaviours, pool)
     for agg, score in (("mean", S.mean(0)), ("max", S.max(0))):
-        out = engine.flag([{"text": b} for b in behaviours], k=15, aggregate=agg)
+        out = flag_index(engine, engine.embed_queries(behaviours), None, k=15, aggregate=agg)
         order = np.argsort(-score, kind="stable")[:15]
         assert [h["id"] for h in out["results"]] == [ids[j] for j in order], agg
         assert np.allclose([h["score"] for h in out["results"]], score[order], atol=1e-5)
