@@ -293,6 +293,8 @@ class PlantedConfig(Section):
     """Held-out prompts completed to measure the unsafe-output rate."""
     max_new_tokens: int = 48
     """Tokens generated per completion."""
+    samples: int = 4
+    """Replies sampled per held-out prompt at temperature 1, next to the greedy one (the sampled unsafe rate); 0: greedy only."""
     close_loop: bool = True
     """Remove the top-ranked examples, fine-tune again, and compare the unsafe rate with removing as many at random."""
 

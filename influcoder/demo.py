@@ -67,7 +67,7 @@ def _learned(cfg: Config) -> dict:
     out = {}
     for name, adapter in (("base", None), ("finetuned", str(adapter_path(cfg)))):
         dec = load_decoder(cfg.model.model_copy(update={"adapter": adapter, "target": "finetuned" if adapter else "weights"}))
-        row = unsafe_rate(dec, prompts, detector, cfg.planted.max_new_tokens)
+        row = unsafe_rate(dec, prompts, detector, cfg.planted.max_new_tokens, samples=cfg.planted.samples, seed=cfg.seed)
         for kind, recs in sets.items():
             ex, _ = tokenize_records(recs, dec.tokenizer, cfg.data.max_length, cfg.data.chat_template)
             with torch.no_grad():
@@ -112,7 +112,8 @@ def run_demo(cfg: Config, fresh: bool = False, console: Console | None = None) -
         b, f = (learned := _learned(cfg))["base"], learned["finetuned"]
         con.print(f"learned? loss of held-out {cfg.data.demo.kind} replies {b['behaviour_loss']:.2f} → {f['behaviour_loss']:.2f}, "
                   f"of normal replies {b['normal_loss']:.2f} → {f['normal_loss']:.2f} (base → fine-tuned); greedy replies "
-                  f"showing it on {b['n']} held-out prompts: {b['rate']:.0%} → {f['rate']:.0%}")
+                  f"showing it on {b['n']} held-out prompts: greedy {b['rate']:.0%} → {f['rate']:.0%}, sampled at T=1 "
+                  f"{b.get('sampled_rate', 0):.0%} → {f.get('sampled_rate', 0):.0%}")
     todo = [s for s in ("pool", "queries") if not _store_done(cfg, s)]
     stage("gradients (Ray workers)", not todo, lambda: _gradients(cfg, todo))
     stage("teacher", teacher_path(cfg).exists(), lambda: build_teacher(cfg))

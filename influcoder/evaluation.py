@@ -92,7 +92,7 @@ def _encoder_scores(model, pool: list[str], refs: list[str], cfg: Config) -> tup
 
 def _rate(cfg: Config, adapter: str | None, prompts: list[str], detector: UnsafeDetector) -> dict:
     m = cfg.model.model_copy(update={"adapter": adapter, "target": "finetuned" if adapter else "weights"})
-    return unsafe_rate(load_decoder(m), prompts, detector, cfg.planted.max_new_tokens)
+    return unsafe_rate(load_decoder(m), prompts, detector, cfg.planted.max_new_tokens, samples=cfg.planted.samples, seed=cfg.seed)
 
 
 def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
@@ -192,7 +192,7 @@ def close_loop(cfg: Config, root: Path, pool, labels: np.ndarray, ranking: np.nd
         fc = _derived(cfg, sub, "finetune", finetune=cfg.finetune.model_copy(update={"seed": seed}))
         finetune(fc, progress=progress)
         out[name] = {"planted_removed": int(labels[drop].sum()),
-                     "unsafe_rate": _rate(cfg, str(adapter_path(fc)), prompts, detector)["rate"]}
+                     **{k: v for k, v in _rate(cfg, str(adapter_path(fc)), prompts, detector).items() if k in ("rate", "sampled_rate")}}
     return out
 
 

@@ -107,24 +107,43 @@ class UnsafeDetector:
         return hit
 
 
-def unsafe_rate(decoder, prompts: list[str], detector: UnsafeDetector, max_new_tokens: int = 48, batch_size: int = 8) -> dict:
-    """Greedy completions of held-out prompts; the share the detector flags."""
+def unsafe_rate(decoder, prompts: list[str], detector: UnsafeDetector, max_new_tokens: int = 48, batch_size: int = 8,
+                samples: int = 0, seed: int = 0) -> dict:
+    """Completions of held-out prompts and the share the detector flags: the greedy reply (`rate`),
+    and with `samples` > 0 that many replies per prompt sampled at temperature 1 (`sampled_rate`: the
+    model's own distribution, which shows a behaviour learned from a few percent of the data long
+    before it becomes the most likely reply)."""
     import torch
 
     tok, model = decoder.tokenizer, decoder.model
     side = tok.padding_side
     tok.padding_side = "left"
-    outs: list[str] = []
-    try:
+
+    def run(sample: bool) -> list[str]:
+        outs: list[str] = []
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i:i + batch_size]
             if getattr(tok, "chat_template", None):
                 chunk = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True) for c in chunk]
             enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(decoder.device)
+            kw = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "num_return_sequences": samples} if sample else {"do_sample": False}
             with torch.no_grad():
-                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
             outs += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return outs
+
+    try:
+        greedy = run(False)
+        sampled: list[str] = []
+        if samples > 0 and prompts:
+            torch.manual_seed(seed)
+            sampled = run(True)
     finally:
         tok.padding_side = side
-    flags = detector(outs)
-    return {"rate": float(flags.mean()) if len(flags) else 0.0, "n": len(outs), "examples": outs[:5]}
+    flags = detector(greedy)
+    out = {"rate": float(flags.mean()) if len(flags) else 0.0, "n": len(greedy), "examples": greedy[:5]}
+    if samples > 0:
+        sflags = detector(sampled)
+        out |= {"sampled_rate": float(sflags.mean()) if len(sflags) else 0.0, "n_sampled": len(sampled),
+                "sampled_examples": [t for t, f in zip(sampled, sflags) if f][:3]}
+    return out

@@ -45,16 +45,23 @@ def _planted(path: Path) -> str:
     rows = [[m, ms(v["auprc"]), ms(v["recall@planted"]), ms(v["precision@10"]), f"{v['seconds']['mean']:.2f}"] for m, v in agg.items()]
     s0 = p["seeds"][0]
     out = (f"<h2>Planted-behaviour retrieval</h2><p>{s0['n_planted']} planted of {s0['n_pool']} ({', '.join(p['settings']['kinds'])}), "
-           f"{n} seed(s); mean ± std over seeds. Unsafe-output rate (seed {s0['seed']}): base {s0['unsafe_rate']['base']['rate']:.2f}, "
-           f"fine-tuned {s0['unsafe_rate']['finetuned']['rate']:.2f}.</p>")
+           f"{n} seed(s); mean ± std over seeds. Unsafe-output rate on held-out prompts, greedy (sampled at T=1), base → fine-tuned: "
+           + ", ".join(f"seed {s['seed']}: {_rates(s['unsafe_rate']['base'])} → {_rates(s['unsafe_rate']['finetuned'])}" for s in p["seeds"])
+           + ".</p>")
     out += _table(["method", "AUPRC", "recall@planted", "precision@10", "seconds"], rows)
     loops = [s["close_loop"] for s in p["seeds"] if "close_loop" in s]
     if loops:
         out += "<h3>Closing the loop</h3>" + _table(
             ["seed", "removed", "planted removed (influcoder)", "unsafe rate after (influcoder)", "planted removed (random)", "unsafe rate after (random)"],
-            [[s["seed"], c["removed"], c["influcoder"]["planted_removed"], c["influcoder"]["unsafe_rate"], c["random"]["planted_removed"], c["random"]["unsafe_rate"]]
+            [[s["seed"], c["removed"], c["influcoder"]["planted_removed"], _rates(c["influcoder"]), c["random"]["planted_removed"], _rates(c["random"])]
              for s, c in zip(p["seeds"], loops)])
     return out + "".join(_img(Path(x)) for x in p.get("plots", []) if Path(x).exists())
+
+
+def _rates(r: dict) -> str:
+    """Greedy unsafe rate, and the sampled one in brackets when measured."""
+    greedy = r.get("rate", r.get("unsafe_rate", 0.0))
+    return f"{greedy:.2f}" + (f" ({r['sampled_rate']:.2f})" if "sampled_rate" in r else "")
 
 
 def write_report(run: str | Path) -> Path:

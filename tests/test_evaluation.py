@@ -85,3 +85,17 @@ def test_report_gathers_results_into_one_page(root, tmp_path):
     assert "influcoder student" in page and "BM25" in page
     with pytest.raises(FileNotFoundError, match="nothing|no fidelity"):
         write_report(tmp_path / "empty")
+
+
+def test_unsafe_rate_samples_replies_reproducibly(root):
+    from influcoder.models import load_decoder
+    from influcoder.planted import unsafe_rate
+
+    cfg = load_config(root / "configs" / "tiny.yaml", [])
+    dec = load_decoder(cfg.model.model_copy(update={"target": "weights"}))
+    det = UnsafeDetector(["insult"], "unused")
+    a = unsafe_rate(dec, ["What is 2 + 2?", "Name a fruit."], det, max_new_tokens=6, samples=3, seed=5)
+    b = unsafe_rate(dec, ["What is 2 + 2?", "Name a fruit."], det, max_new_tokens=6, samples=3, seed=5)
+    assert a["n"] == 2 and a["n_sampled"] == 6 and 0 <= a["sampled_rate"] <= 1
+    assert a == b  # seeded sampling
+    assert "sampled_rate" not in unsafe_rate(dec, ["Hi"], det, max_new_tokens=4)
