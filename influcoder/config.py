@@ -129,8 +129,8 @@ class TeacherConfig(Section):
     """Top-k pool rows kept per anchor."""
     score: Literal["cosine", "centred", "fisher"] = "cosine"
     """Teacher score: plain gradient `cosine`; `centred` (subtract the pool's mean gradient from both sides first); `fisher` (centred, then the query side multiplied by (F + λI)⁻¹, F the pool's gradient covariance: directions every training example shares count less)."""
-    score_damping: float = 0.1
-    """λ of the `fisher` score, relative to the mean non-zero eigenvalue of F."""
+    score_damping: float = 1.0
+    """λ of the `fisher` score, relative to the mean non-zero eigenvalue of F (measured on the planted benchmark, seed 0: 1.0 beat 0.1 and 0.01 on every gradient pass)."""
     score_sample: int = 4096
     """Pool rows (a seeded sample) the `centred`/`fisher` statistics are fitted on; all rows when the pool is smaller."""
 
@@ -289,6 +289,8 @@ class PlantedConfig(Section):
     """Gradient passes ranked as teachers in the same run: plain (`none`), `second_moment` (TrackStar-style normalisation), `adam` (LESS's Adam direction), `checkpoints` (plain gradients at finetune.checkpoints (≥ 2) saved adapters, summed with their learning rates)."""
     teacher_scores: list[Literal["cosine", "centred", "fisher"]] = ["cosine", "centred", "fisher"]
     """Score corrections applied to every gradient pass (see teacher.score); each pass × score is one teacher row."""
+    student_teacher: str = "none"
+    """Gradients the student is distilled from (scored with teacher.score): a pass of teacher_variants other than `checkpoints` (`none`, `second_moment`, `adam`), or `checkpoint-I`, the I-th saved checkpoint of the `checkpoints` pass (0 = earliest)."""
     n_generate: int = 20
     """Held-out prompts completed to measure the unsafe-output rate."""
     max_new_tokens: int = 48

@@ -143,16 +143,18 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
             per_ckpt.append(_teacher_scores(P, R, p.teacher_scores, cfg.teacher.score_damping))
             t_grads += t
             computed[variant] = (per_ckpt[-1], t)
+            if variant == "checkpoints":
+                teachers[f"checkpoint-{i}"] = run_cfg
             if variant != "checkpoints":
                 teachers[variant] = run_cfg
         for kind in p.teacher_scores:
             label = f"teacher ({'plain' if variant == 'none' else variant}, {kind})"
             scores[label] = checkpoint_sum([pc[kind][0] for pc in per_ckpt], [c["lr"] for c in ckpts])
             seconds[label] = t_grads + sum(pc[kind][1] for pc in per_ckpt)
-    # The student copies the configured teacher (preconditioner and score).
-    if not teachers:
-        raise ValueError("planted.teacher_variants needs one single-checkpoint pass (none, second_moment or adam) for the student to copy")
-    main = teachers.get(cfg.gradients.preconditioner) or next(iter(teachers.values()))
+    # The student copies one teacher: planted.student_teacher's gradients with teacher.score.
+    if p.student_teacher not in teachers:
+        raise ValueError(f"planted.student_teacher={p.student_teacher!r} was not computed; this run has {sorted(teachers)}")
+    main = teachers[p.student_teacher]
     (_, t_teacher) = _timed(lambda: build_teacher(main))
     fid, t_distill = _timed(lambda: distill(main, progress=progress))
     student = load_encoder(str(encoder_path(main)))

@@ -39,7 +39,7 @@ class ScoreTransform:
     damping: float = 0.0  # λ, absolute
 
     @classmethod
-    def fit(cls, kind: str, pool_raw: np.ndarray, damping: float = 0.1) -> "ScoreTransform":
+    def fit(cls, kind: str, pool_raw: np.ndarray, damping: float = 1.0) -> "ScoreTransform":
         """pool_raw (n, d): unnormalised sketched pool gradients. `damping` is relative: λ =
         damping · (mean non-zero eigenvalue of F)."""
         if kind not in SCORES:
