@@ -75,6 +75,8 @@ class ModelConfig(Section):
     """Where gradients are taken. `finetuned` (default): at the LoRA that learned from the data — `adapter` if given, else this run's own fine-tune (`influcoder finetune`). `weights`: a fresh projection LoRA on the weights as loaded (right when `name` is a fully fine-tuned model; on a base model it mostly measures format)."""
     adapter: str | None = None
     """A PEFT adapter folder (e.g. the LoRA the model was fine-tuned with) to attribute at."""
+    checkpoint: int | None = None
+    """With `target: finetuned` and no `adapter`: attribute at this run's I-th saved fine-tune checkpoint (finetune.checkpoints ≥ 2; 0 = the earliest, -1 = the final adapter) instead of the final adapter. An earlier checkpoint still has large gradients on the examples being learned; at the end they are fitted and their gradients fade (TracIn)."""
     lora: LoraConfig = LoraConfig()
     """Settings of a fresh LoRA adapter (ignored when `adapter` is given)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

@@ -45,6 +45,14 @@ def attribution_model(cfg: Config) -> ModelConfig:
     if m.adapter:
         return m
     path = adapter_path(cfg)
+    if m.checkpoint is not None and (path / "adapter_config.json").is_file():
+        from .finetune import finetune_dir
+
+        saved = json.loads((finetune_dir(cfg) / "finetune.json").read_text()).get("checkpoints") or []
+        if not -len(saved) <= m.checkpoint < len(saved):
+            raise ModelError(f"model.checkpoint={m.checkpoint}: the fine-tune saved {len(saved)} checkpoints "
+                             f"(set finetune.checkpoints ≥ 2 and run `influcoder finetune CONFIG` again)")
+        path = finetune_dir(cfg) / "checkpoints" / Path(saved[m.checkpoint]["path"]).name  # wherever the run dir now is
     if not (path / "adapter_config.json").is_file():
         raise ModelError(f"model.target=finetuned: no adapter given and {path} does not exist. Run `influcoder finetune CONFIG` "
                          "first, set model.adapter to the LoRA the model was trained with, or set model.target=weights "

@@ -56,3 +56,20 @@ def test_finetune_saves_evenly_spaced_checkpoints_with_their_learning_rates(root
     final = load_file(f"{adapter_path(cfg)}/adapter_model.safetensors")
     assert all(torch.equal(last[k], final[k]) for k in final)  # the last checkpoint is the final adapter
     assert any(not torch.equal(first[k], final[k]) for k in final)
+
+
+def test_gradients_at_an_earlier_checkpoint(root, tmp_path):
+    import pytest
+
+    from influcoder.gradient_job import attribution_model
+    from influcoder.models import ModelError
+
+    cfg = load_config(root / "configs" / "tiny.yaml", [f"out_dir={tmp_path}", "model.target=finetuned", "data.demo.n=64",
+                                                       "finetune.checkpoints=2", "model.checkpoint=0"])
+    finetune(cfg, progress=False)
+    assert attribution_model(cfg).adapter == str(finetune_dir(cfg) / "checkpoints" / "step-4")
+    last = cfg.model_copy(update={"model": cfg.model.model_copy(update={"checkpoint": -1})})
+    assert attribution_model(last).adapter.endswith("step-8")
+    bad = cfg.model_copy(update={"model": cfg.model.model_copy(update={"checkpoint": 2})})
+    with pytest.raises(ModelError, match="saved 2 checkpoints"):
+        attribution_model(bad)
