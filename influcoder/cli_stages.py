@@ -82,6 +82,14 @@ def eval_planted_cmd(config: ConfigArg, set_: SetOpt = [],
     _print({"aggregate": rep["aggregate"], "plots": rep["plots"]})
 
 
+@eval_app.command("table")
+def eval_table_cmd(reports: Annotated[list[Path], typer.Argument(help="Planted reports (`eval planted --json` files), one column each, named by file stem.")]) -> None:
+    """Print a markdown table of mean ± std AUPRC per method (what the README's Results section shows)."""
+    from .report import planted_markdown
+
+    print(planted_markdown({p.stem: json.loads(p.read_text()) for p in reports}), end="")
+
+
 @eval_app.command("report")
 def eval_report_cmd(run_dir: Annotated[Path, typer.Argument(help="A run folder (e.g. runs/demo).")]) -> None:
     """Write RUN_DIR/report.html: fidelity, planted retrieval and cost results with their plots."""

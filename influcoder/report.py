@@ -86,3 +86,30 @@ def write_report(run: str | Path) -> Path:
     tmp.write_text(page)
     tmp.replace(out)
     return out
+
+
+def planted_markdown(reports: dict[str, dict]) -> str:
+    """One markdown table of mean ± std AUPRC (and mean seconds) per method, a column per report
+    (e.g. homogeneous and heterogeneous), rows sorted by the first report's AUPRC."""
+    names = list(reports)
+    first = reports[names[0]]["aggregate"]
+    methods = sorted(first, key=lambda m: -first[m]["auprc"]["mean"])
+    methods += [m for r in reports.values() for m in r["aggregate"] if m not in methods]
+    head = "| method | " + " | ".join(f"{n}: AUPRC | {n}: recall@planted | {n}: s" for n in names) + " |"
+    lines = [head, "|" + "---|" * (1 + 3 * len(names))]
+    for m in dict.fromkeys(methods):
+        cells = []
+        for n in names:
+            v = reports[n]["aggregate"].get(m)
+            cells += ([f"{v['auprc']['mean']:.3f} ± {v['auprc']['std']:.3f}", f"{v['recall@planted']['mean']:.2f}",
+                       f"{v['seconds']['mean']:.1f}"] if v else ["—", "—", "—"])
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    meta = []
+    for n in names:
+        r = reports[n]
+        s0 = r["seeds"][0]
+        rates = ", ".join(f"{_rates(s['unsafe_rate']['base'])} → {_rates(s['unsafe_rate']['finetuned'])}" for s in r["seeds"])
+        meta.append(f"- {n}: {s0['n_planted']} planted ({', '.join(r['settings']['kinds'])}) in {s0['n_pool']} rows, "
+                    f"seeds {[s['seed'] for s in r['seeds']]}; unsafe replies to held-out prompts, greedy (sampled), "
+                    f"base → fine-tuned: {rates}")
+    return "\n".join(lines + [""] + meta) + "\n"

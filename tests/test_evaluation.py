@@ -68,6 +68,12 @@ def test_eval_planted_end_to_end_on_tiny(root, tmp_path):
         assert loop["removed"] == 6 and {"influcoder", "random"} <= set(loop)
         assert set(seed["unsafe_rate"]) == {"base", "finetuned"}
     assert rep["aggregate"]["BM25"]["auprc"]["std"] >= 0
+    from influcoder.report import planted_markdown
+
+    md = planted_markdown({"a": rep, "b": rep})
+    row = next(line for line in md.splitlines() if line.startswith("| influcoder student |"))
+    v = rep["aggregate"]["influcoder student"]["auprc"]
+    assert row.count(f"{v['mean']:.3f} ± {v['std']:.3f}") == 2 and len(md.splitlines()) == len(want) + 2 + 1 + 2
     for png in rep["plots"]:
         assert (tmp_path / png).exists() or __import__("os").path.exists(png)
 
