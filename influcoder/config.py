@@ -131,6 +131,8 @@ class TeacherConfig(Section):
     """Top-k pool rows kept per anchor."""
     score: Literal["cosine", "centred", "fisher"] = "cosine"
     """Teacher score: plain gradient `cosine`; `centred` (subtract the pool's mean gradient from both sides first); `fisher` (centred, then the query side multiplied by (F + λI)⁻¹, F the pool's gradient covariance: directions every training example shares count less)."""
+    checkpoints: list[int] = [0, -1]
+    """Saved fine-tune checkpoints (indices: 0 = earliest, -1 = the final adapter) the teacher sums over, each weighted by the learning rate of the stretch of training it closes (TracIn/LESS; measured on the planted benchmark it is the one teacher that beats TF-IDF on both variants). Each gets its own gradient store (`grads-ckpt<I>.zarr`); `influcoder gradients` computes them all. Used with this run's own fine-tune (model.target=finetuned, no model.adapter); empty: one store at the final adapter (or model.checkpoint)."""
     score_damping: float = 1.0
     """λ of the `fisher` score, relative to the mean non-zero eigenvalue of F (measured on the planted benchmark, seed 0: 1.0 beat 0.1 and 0.01 on every gradient pass)."""
     score_sample: int = 4096
@@ -266,7 +268,7 @@ class FinetuneConfig(Section):
     """Seed of data order and the adapter's initialisation."""
     torch_threads: int | None = None
     """Torch threads for the fine-tune; empty: torch's default (all cores)."""
-    checkpoints: int = 1
+    checkpoints: int = 2
     """Adapters saved at evenly spaced steps under finetune/checkpoints/ (the last is the final one), each with the mean learning rate of the stretch it closes: what the TracIn/LESS `checkpoints` teacher sums over."""
 
 
@@ -291,8 +293,8 @@ class PlantedConfig(Section):
     """Gradient passes ranked as teachers in the same run: plain (`none`), `second_moment` (TrackStar-style normalisation), `adam` (LESS's Adam direction), `checkpoints` (plain gradients at finetune.checkpoints (≥ 2) saved adapters, summed with their learning rates)."""
     teacher_scores: list[Literal["cosine", "centred", "fisher"]] = ["cosine", "centred", "fisher"]
     """Score corrections applied to every gradient pass (see teacher.score); each pass × score is one teacher row."""
-    student_teacher: str = "none"
-    """Gradients the student is distilled from (scored with teacher.score): a pass of teacher_variants other than `checkpoints` (`none`, `second_moment`, `adam`), or `checkpoint-I`, the I-th saved checkpoint of the `checkpoints` pass (0 = earliest)."""
+    student_teacher: str = "checkpoints"
+    """Gradients the student is distilled from (scored with teacher.score): a pass of teacher_variants (`none`, `second_moment`, `adam`, or `checkpoints`: the learning-rate-weighted sum over the saved checkpoints), or `checkpoint-I`, the I-th saved checkpoint alone (0 = earliest)."""
     n_generate: int = 20
     """Held-out prompts completed to measure the unsafe-output rate."""
     max_new_tokens: int = 48

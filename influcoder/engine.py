@@ -70,53 +70,57 @@ def input_record(inp: dict[str, Any], i: int = 0) -> Record:
 class TeacherScorer:
     """Exact teacher scores: the query's sketched LoRA gradient (decoder backward, the run's
     settings) against the stored pool rows of the candidates, with the teacher's score correction
-    (teacher.zarr's score_transform.npz; plain cosine when the run has no teacher)."""
+    (teacher.zarr's score_transform*.npz; plain cosine when the run has no teacher). With
+    `teacher.checkpoints`, one decoder per checkpoint and the learning-rate-weighted mean."""
 
     def __init__(self, cfg: Config):
-        from .gradient_job import GradientWorker, default_store_path
+        from .gradient_job import GradientWorker, checkpoint_configs, default_store_path
         from .store import GradStore, StoreMismatch, check_compatible
+        from .teacher import teacher_path, transform_file
 
-        path = default_store_path(cfg, "pool")
-        if not Path(path).exists():
-            raise RerankUnavailable(f"{path}: no pool gradient store, so the teacher cannot re-rank")
+        self.parts = []  # (weight, worker, store, transform)
         try:
-            self.store = GradStore.open(path)
-            self.store.require_complete()
-            self.worker = GradientWorker(cfg, "queries")  # split != pool: loads (never estimates) a preconditioner
-            self.worker.setup_preconditioner([])
-            m = self.worker.manifest({})
-            check_compatible(self.store.manifest, m, what="the pool gradient store and this engine's decoder")
-            p, q = self.store.manifest.get("preconditioner", {}), m["preconditioner"]
-            if p.get("kind") != q.get("kind") or p.get("sha256") != q.get("sha256"):
-                raise StoreMismatch(f"pool gradients used preconditioner {p}, the engine has {q}")
+            sources = checkpoint_configs(cfg)
+            for k, (scfg, w) in enumerate(sources):
+                path = default_store_path(scfg, "pool")
+                if not Path(path).exists():
+                    raise RerankUnavailable(f"{path}: no pool gradient store, so the teacher cannot re-rank")
+                store = GradStore.open(path)
+                store.require_complete()
+                worker = GradientWorker(scfg, "queries")  # split != pool: loads (never estimates) a preconditioner
+                worker.setup_preconditioner([])
+                m = worker.manifest({})
+                check_compatible(store.manifest, m, what="the pool gradient store and this engine's decoder")
+                p, q = store.manifest.get("preconditioner", {}), m["preconditioner"]
+                if p.get("kind") != q.get("kind") or p.get("sha256") != q.get("sha256"):
+                    raise StoreMismatch(f"pool gradients used preconditioner {p}, the engine has {q}")
+                tf = teacher_path(cfg) / transform_file(k)
+                self.parts.append((w, worker, store, ScoreTransform.load(tf) if tf.is_file() else ScoreTransform("cosine")))
+        except RerankUnavailable:
+            raise
         except (ValueError, RuntimeError, OSError, KeyError) as e:  # ModelError, StoreMismatch, PreconditionerError, …
             raise RerankUnavailable(f"the teacher cannot re-rank with the run at {cfg.run_dir}: {e}") from e
         pin_threads(cfg.index)  # the worker set torch's threads for gradient jobs
-        from .teacher import TRANSFORM_FILE, teacher_path
-
-        tf = teacher_path(cfg) / TRANSFORM_FILE
-        self.transform = ScoreTransform.load(tf) if tf.is_file() else ScoreTransform("cosine")
         self.cfg = cfg
-        self.ids = self.store.ids()
+        self.weight = sum(w for w, *_ in self.parts)
+        self.ids = self.parts[0][2].ids()
         self.row_of = {x: i for i, x in enumerate(self.ids)}
         self.lock = threading.Lock()  # the decoder's hooks are not re-entrant
 
     def scores(self, records: list[Record], candidates: list[list[str]]) -> list[dict[str, float]]:
-        """Per query, {candidate id: teacher cosine} for candidates that have a stored gradient."""
+        """Per query, {candidate id: teacher score} for candidates that have a stored gradient."""
         from .tokenization import tokenize_records
 
-        with self.lock:
-            ex, _ = tokenize_records(records, self.worker.decoder.tokenizer, self.cfg.data.max_length, self.cfg.data.chat_template)
-            V = self.transform.query(self.worker.vectors(ex)[0])  # (n_queries, d) unit rows
-        out = []
-        for v, cands in zip(V, candidates):
-            have = sorted({self.row_of[c] for c in cands if c in self.row_of})
-            if not have:
-                out.append({})
-                continue
-            G = self.transform.pool(raw_rows(self.store, have))  # (m, d) unit rows
-            out.append(dict(zip([self.ids[r] for r in have], (G @ v).tolist())))
-        return out
+        rows = [sorted({self.row_of[c] for c in cands if c in self.row_of}) for cands in candidates]
+        total = [np.zeros(len(r)) for r in rows]
+        for w, worker, store, tf in self.parts:
+            with self.lock:
+                ex, _ = tokenize_records(records, worker.decoder.tokenizer, self.cfg.data.max_length, self.cfg.data.chat_template)
+                V = tf.query(worker.vectors(ex)[0])  # (n_queries, d) unit rows
+            for t, v, have in zip(total, V, rows):
+                if have:
+                    t += (w / self.weight) * (tf.pool(raw_rows(store, have)) @ v)  # (m,) corrected cosines
+        return [dict(zip([self.ids[r] for r in have], t.tolist())) for t, have in zip(total, rows)]
 
 
 class Engine:
@@ -232,9 +236,14 @@ class Engine:
         return out
 
     def rerank_available(self) -> bool:
-        from .gradient_job import default_store_path
+        from .gradient_job import checkpoint_configs, default_store_path
 
-        return self._teacher is not None or Path(default_store_path(self.cfg, "pool")).exists()
+        if self._teacher is not None:
+            return True
+        try:
+            return all(Path(default_store_path(c, "pool")).exists() for c, _ in checkpoint_configs(self.cfg))
+        except (ValueError, RuntimeError):  # ModelError: the fine-tune lacks the checkpoints the teacher names
+            return False
 
     def teacher(self) -> TeacherScorer:
         with self._teacher_lock:

@@ -120,6 +120,7 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
     seconds: dict[str, float] = {}
     teachers = {}
     computed: dict[str, tuple[dict, float]] = {}  # pass -> (scores by kind, gradient seconds)
+    ckpt_sources: list[tuple[Config, float]] = []  # the `checkpoints` pass: (run config, lr) per checkpoint
     ft_report = json.loads((finetune_dir(ft_cfg) / "finetune.json").read_text())
     for variant in p.teacher_variants:
         ckpts = [{"path": adapter, "lr": 1.0}]
@@ -136,6 +137,7 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
             if variant == "checkpoints" and last and "none" in computed:  # the last checkpoint is the final adapter
                 per_ckpt.append(computed["none"][0])
                 t_grads += computed["none"][1]
+                ckpt_sources.append((teachers["none"], c["lr"]))
                 continue
             name = f"teacher-{variant}" + (f"-{i}" if variant == "checkpoints" else "")
             run_cfg = _derived(cfg, root, name, gradients=g, model=cfg.model.model_copy(update={"adapter": c["path"], "target": "finetuned"}))
@@ -145,6 +147,7 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
             computed[variant] = (per_ckpt[-1], t)
             if variant == "checkpoints":
                 teachers[f"checkpoint-{i}"] = run_cfg
+                ckpt_sources.append((run_cfg, c["lr"]))
             if variant != "checkpoints":
                 teachers[variant] = run_cfg
         for kind in p.teacher_scores:
@@ -152,10 +155,15 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
             scores[label] = checkpoint_sum([pc[kind][0] for pc in per_ckpt], [c["lr"] for c in ckpts])
             seconds[label] = t_grads + sum(pc[kind][1] for pc in per_ckpt)
     # The student copies one teacher: planted.student_teacher's gradients with teacher.score.
-    if p.student_teacher not in teachers:
-        raise ValueError(f"planted.student_teacher={p.student_teacher!r} was not computed; this run has {sorted(teachers)}")
-    main = teachers[p.student_teacher]
-    (_, t_teacher) = _timed(lambda: build_teacher(main))
+    sources = None
+    if p.student_teacher == "checkpoints" and ckpt_sources:
+        main, sources = _derived(cfg, root, "teacher-checkpoints-sum"), ckpt_sources
+    elif p.student_teacher in teachers:
+        main = teachers[p.student_teacher]
+    else:
+        raise ValueError(f"planted.student_teacher={p.student_teacher!r} was not computed; this run has {sorted(teachers)}"
+                         + (" and checkpoints" if ckpt_sources else ""))
+    (_, t_teacher) = _timed(lambda: build_teacher(main, sources=sources))
     fid, t_distill = _timed(lambda: distill(main, progress=progress))
     student = load_encoder(str(encoder_path(main)))
     scores["influcoder student"], seconds["influcoder student"] = _encoder_scores(student, pool_texts, ref_texts, cfg)

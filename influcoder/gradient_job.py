@@ -28,7 +28,36 @@ from .tokenization import Example, tokenize_records
 
 
 def default_store_path(cfg: Config, split: str) -> Path:
-    return cfg.run_dir / ("grads.zarr" if split == "pool" else f"grads-{split}.zarr")
+    name = "grads" if split == "pool" else f"grads-{split}"
+    if cfg.model.checkpoint is not None and cfg.model.target == "finetuned" and not cfg.model.adapter:
+        name += f"-ckpt{cfg.model.checkpoint}"
+    return cfg.run_dir / f"{name}.zarr"
+
+
+def saved_checkpoints(cfg: Config) -> list[dict]:
+    """The fine-tune's saved checkpoints ({path, step, lr}), earliest first; [] when none were saved."""
+    from .finetune import finetune_dir
+
+    f = finetune_dir(cfg) / "finetune.json"
+    return (json.loads(f.read_text()).get("checkpoints") or []) if f.is_file() else []
+
+
+def checkpoint_configs(cfg: Config) -> list[tuple[Config, float]]:
+    """(config, weight) per gradient store the teacher uses: one per `teacher.checkpoints` entry,
+    weighted by its learning rate, or just (cfg, 1.0)."""
+    m = cfg.model
+    if not cfg.teacher.checkpoints or m.checkpoint is not None or m.target == "weights" or m.adapter:
+        return [(cfg, 1.0)]  # one point: asked for, or not this run's own fine-tune
+    saved = saved_checkpoints(cfg)
+    picked: list[int] = []
+    for i in cfg.teacher.checkpoints:
+        if not -len(saved) <= i < len(saved):
+            raise ModelError(f"teacher.checkpoints={cfg.teacher.checkpoints}: the fine-tune in {cfg.run_dir} saved {len(saved)} "
+                             "checkpoints (set finetune.checkpoints ≥ 2 and run `influcoder finetune CONFIG` again, or set "
+                             "teacher.checkpoints=[] for the final adapter alone)")
+        if i % len(saved) not in picked:
+            picked.append(i % len(saved))
+    return [(cfg.model_copy(update={"model": m.model_copy(update={"checkpoint": i})}), float(saved[i]["lr"])) for i in picked]
 
 
 def preconditioner_path(cfg: Config) -> Path:
@@ -48,7 +77,7 @@ def attribution_model(cfg: Config) -> ModelConfig:
     if m.checkpoint is not None and (path / "adapter_config.json").is_file():
         from .finetune import finetune_dir
 
-        saved = json.loads((finetune_dir(cfg) / "finetune.json").read_text()).get("checkpoints") or []
+        saved = saved_checkpoints(cfg)
         if not -len(saved) <= m.checkpoint < len(saved):
             raise ModelError(f"model.checkpoint={m.checkpoint}: the fine-tune saved {len(saved)} checkpoints "
                              f"(set finetune.checkpoints ≥ 2 and run `influcoder finetune CONFIG` again)")

@@ -394,7 +394,15 @@ def run_ray(cfg: Config, split: str = "pool", out: str | Path | None = None, pro
 def run_job(cfg: Config, split: str = "pool", out: str | Path | None = None, progress: bool = True,
             num_workers: int | None = None, address: str | None = None) -> JobSummary:
     """The gradient job as `influcoder gradients` runs it: on Ray, or in this process when the
-    worker count (`num_workers`, else `ray.num_workers`) is 0."""
+    worker count (`num_workers`, else `ray.num_workers`) is 0. With `teacher.checkpoints`, one job per
+    checkpoint (each its own store); the last one's summary is returned."""
+    from .gradient_job import checkpoint_configs
+
+    parts = checkpoint_configs(cfg)
+    if len(parts) > 1:
+        if out:
+            raise ValueError("--out with teacher.checkpoints: each checkpoint writes its own store under the run folder")
+        return [run_job(c, split, None, progress, num_workers, address) for c, _ in parts][-1]
     if (cfg.ray.num_workers if num_workers is None else num_workers) == 0:
         from .gradient_job import run_local
 

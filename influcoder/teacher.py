@@ -18,7 +18,7 @@ import zarr
 
 from . import __version__
 from .config import Config
-from .gradient_job import default_store_path
+from .gradient_job import checkpoint_configs, default_store_path
 from .store import GradStore, StoreMismatch, check_compatible
 from .teacher_score import ScoreTransform, raw_rows
 
@@ -39,12 +39,6 @@ def fit_transform(cfg: Config, pool: GradStore) -> ScoreTransform:
     if pool.n > t.score_sample:
         rows = np.sort(np.random.default_rng(cfg.seed).choice(pool.n, t.score_sample, replace=False))
     return ScoreTransform.fit(t.score, raw_rows(pool, rows), t.score_damping)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float32)
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
 
 
 def _split(n: int, frac: float, rng: np.random.Generator) -> np.ndarray:
@@ -82,24 +76,18 @@ class TeacherSummary:
         return dict(self.__dict__)
 
 
-def build_teacher(cfg: Config, out: str | Path | None = None, chunk_rows: int = 4096) -> TeacherSummary:
-    pool = GradStore.open(default_store_path(cfg, "pool"))
-    pool.require_complete()
-    t = cfg.teacher
-    rng = np.random.default_rng(cfg.seed)
-    n = pool.n
-    n_data = min(t.n_anchors, n // 2)
-    data_anchor = np.sort(rng.choice(n, size=n_data, replace=False)) if n_data else np.zeros(0, int)
-    pool_rows = np.setdiff1d(np.arange(n), data_anchor)
-    pool_ids = np.asarray(pool.ids(), dtype=object)
+def transform_file(k: int) -> str:
+    """The k-th gradient source's fitted score correction inside teacher.zarr."""
+    return TRANSFORM_FILE if k == 0 else f"score_transform-{k}.npz"
 
-    tf = fit_transform(cfg, pool)
-    anchors = [raw_rows(pool, data_anchor)] if n_data else []
-    anchor_ids = list(pool_ids[data_anchor])
-    source = ["pool"] * n_data
-    qpath = default_store_path(cfg, "queries")
-    queries_manifest = None
+
+def _anchors(cfg: Config, pool: GradStore, data_anchor: np.ndarray) -> tuple[np.ndarray, list[str], dict | None]:
+    """Raw anchor gradients of one source: sampled pool rows, then every query row; query ids; query manifest."""
+    anchors = [raw_rows(pool, data_anchor)] if len(data_anchor) else []
+    qids: list[str] = []
+    qman = None
     if cfg.data.queries:
+        qpath = default_store_path(cfg, "queries")
         if not Path(qpath).exists():
             raise FileNotFoundError(f"{qpath}: no query gradients; run `influcoder gradients CONFIG --split queries` first")
         q = GradStore.open(qpath)
@@ -107,24 +95,58 @@ def build_teacher(cfg: Config, out: str | Path | None = None, chunk_rows: int = 
         check_compatible(pool.manifest, q.manifest, what="pool and query gradient stores")
         _check_preconditioners(pool.manifest, q.manifest)
         anchors.append(raw_rows(q))
-        anchor_ids += q.ids()
-        source += ["queries"] * q.n
-        queries_manifest = q.manifest
-    if not anchor_ids:
+        qids, qman = q.ids(), q.manifest
+    if not anchors:
         raise ValueError("no anchors: set teacher.n_anchors > 0 or name query sets in data.queries")
-    A = tf.query(np.concatenate(anchors))  # (n_anchors, d) unit rows
+    return np.concatenate(anchors), qids, qman
+
+
+def build_teacher(cfg: Config, out: str | Path | None = None, chunk_rows: int = 4096,
+                  sources: list[tuple[Config, float]] | None = None) -> TeacherSummary:
+    """teacher.zarr from the gradient stores of `sources` ((config, weight) pairs; default one per
+    teacher.checkpoints entry, else the run's own stores): Σ_s w_s · score_s / Σ_s w_s."""
+    sources = sources or checkpoint_configs(cfg)
+    first = GradStore.open(default_store_path(sources[0][0], "pool"))
+    first.require_complete()
+    t = cfg.teacher
+    rng = np.random.default_rng(cfg.seed)
+    n = first.n
+    n_data = min(t.n_anchors, n // 2)
+    data_anchor = np.sort(rng.choice(n, size=n_data, replace=False)) if n_data else np.zeros(0, int)
+    pool_rows = np.setdiff1d(np.arange(n), data_anchor)
+    pool_ids = np.asarray(first.ids(), dtype=object)
+    weight = sum(w for _, w in sources)
+
+    full = None
+    transforms, described = [], []
+    for scfg, w in sources:
+        pool = GradStore.open(default_store_path(scfg, "pool"))
+        pool.require_complete()
+        if pool.ids() != first.ids():
+            raise StoreMismatch(f"{pool.path} and {first.path} hold different examples; every checkpoint's store needs the same pool")
+        tf = fit_transform(scfg, pool)
+        raw, qids, qman = _anchors(scfg, pool, data_anchor)
+        A = tf.query(raw)  # (n_anchors, d) unit rows
+        if full is None:
+            full = np.zeros((len(A), len(pool_rows)), np.float32)
+            anchor_ids = list(pool_ids[data_anchor]) + qids
+            source = ["pool"] * n_data + ["queries"] * len(qids)
+            queries_manifest = qman
+        elif len(A) != len(full):
+            raise StoreMismatch(f"{default_store_path(scfg, 'queries')}: {len(A) - n_data} query rows, the first source has {len(full) - n_data}")
+        for start in range(0, len(pool_rows), chunk_rows):
+            rows = pool_rows[start:start + chunk_rows]
+            full[:, start:start + len(rows)] += (w / weight) * (A @ tf.pool(raw_rows(pool, rows)).T)
+        transforms.append(tf)
+        described.append({"store": str(pool.path), "weight": w, "checkpoint": scfg.model.checkpoint,
+                          "adapter": pool.manifest["model"].get("adapter")})
 
     final = Path(out) if out else teacher_path(cfg)
     tmp = final.with_name(final.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
     g = zarr.open_group(str(tmp), mode="w")
-    na, npool = len(A), len(pool_rows)
+    na, npool = full.shape
     scores = g.create_array("scores", shape=(na, npool), chunks=(min(na, 256), min(npool, chunk_rows)), dtype="float16")
-    full = np.empty((na, npool), np.float32)
-    for start in range(0, npool, chunk_rows):
-        rows = pool_rows[start:start + chunk_rows]
-        block = tf.pool(raw_rows(pool, rows))
-        full[:, start:start + len(rows)] = A @ block.T
     scores[:] = full.astype(np.float16)
     k = min(t.topk, npool)
     top = np.argsort(-full, axis=1, kind="stable")[:, :k]
@@ -137,16 +159,19 @@ def build_teacher(cfg: Config, out: str | Path | None = None, chunk_rows: int = 
     g.create_array("anchor_eval", data=_split(na, t.eval_fraction, rng))
     g.create_array("pool_eval", data=_split(npool, t.eval_fraction, rng))
     g.attrs["manifest"] = {
-        "teacher_version": TEACHER_VERSION, "score": tf.kind, "score_damping": tf.damping,
-        "score_note": "cosine of stored (sketched, preconditioned) gradients after the score's correction",
-        "gradients": {k: pool.manifest[k] for k in ("model", "loss", "sketch", "preconditioner", "a_gradients")},
-        "pool_store": str(pool.path), "pool_fingerprint": pool.manifest["dataset"]["fingerprint"],
+        "teacher_version": TEACHER_VERSION, "score": transforms[0].kind, "score_damping": transforms[0].damping,
+        "score_note": "cosine of stored (sketched, preconditioned) gradients after the score's correction; "
+                      "with several sources (checkpoints) their learning-rate-weighted mean",
+        "sources": described,
+        "gradients": {k: first.manifest[k] for k in ("model", "loss", "sketch", "preconditioner", "a_gradients")},
+        "pool_store": str(first.path), "pool_fingerprint": first.manifest["dataset"]["fingerprint"],
         "queries_fingerprint": queries_manifest["dataset"]["fingerprint"] if queries_manifest else None,
         "n_anchors": na, "n_anchors_from_pool": n_data, "n_pool": npool, "topk": k, "seed": cfg.seed,
         "eval_fraction": t.eval_fraction, "influcoder_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    tf.save(tmp / TRANSFORM_FILE)
+    for i, tf in enumerate(transforms):
+        tf.save(tmp / transform_file(i))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     tch = Teacher.open(final)

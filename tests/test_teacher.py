@@ -88,3 +88,38 @@ def test_corrected_teacher_equals_brute_force(tiny_run, tmp_path, score):
     brute = unit(A) @ unit(P).T
     assert np.abs(t.scores() - brute).max() < 5e-3  # float16 gradients and scores
     assert t.manifest["score"] == score
+
+
+def test_checkpoint_sum_teacher_and_rerank_match_a_loop(root, tmp_path):
+    """teacher.checkpoints: one store per saved checkpoint, the teacher (and the engine's exact
+    re-rank) the learning-rate-weighted mean of the per-checkpoint cosines."""
+    from influcoder.data import load_split
+    from influcoder.engine import TeacherScorer
+    from influcoder.finetune import finetune
+    from influcoder.gradient_job import checkpoint_configs
+    from influcoder.ray_jobs import run_job
+
+    cfg = load_config(root / "configs" / "tiny.yaml", [f"out_dir={tmp_path}", "model.target=finetuned", "data.demo.n=64",
+                                                       "finetune.checkpoints=2", "finetune.lr=3e-3", "teacher.checkpoints=[0,1]",
+                                                       "teacher.n_anchors=8", "ray.num_workers=0"])
+    finetune(cfg, progress=False)
+    run_job(cfg, "pool", progress=False)
+    run_job(cfg, "queries", progress=False)
+    parts = checkpoint_configs(cfg)
+    assert [default_store_path(c, "pool").name for c, _ in parts] == ["grads-ckpt0.zarr", "grads-ckpt1.zarr"]
+    build_teacher(cfg)
+    t = Teacher.open(cfg.run_dir / "teacher.zarr")
+    want = 0
+    for c, w in parts:
+        pool, q = GradStore.open(default_store_path(c, "pool")), GradStore.open(default_store_path(c, "queries"))
+        vecs = dict(zip(pool.ids(), pool.grads())) | dict(zip(q.ids(), q.grads()))
+        want = want + w * (unit(np.stack([vecs[i] for i in t.anchor_ids])) @ unit(np.stack([vecs[i] for i in t.pool_ids])).T)
+    want /= sum(w for _, w in parts)
+    assert np.abs(t.scores() - want).max() < 3e-3
+    assert [s["checkpoint"] for s in t.manifest["sources"]] == [0, 1] and parts[0][1] > parts[1][1] > 0
+
+    qrecs = load_split(cfg.data, "queries")[0][:2]
+    rows = [t.anchor_ids.index(r.id) for r in qrecs]
+    got = TeacherScorer(cfg).scores(qrecs, [t.pool_ids[:10]] * 2)
+    for r, g in zip(rows, got):
+        assert np.allclose([g[x] for x in t.pool_ids[:10]], want[r, :10], atol=3e-3)
