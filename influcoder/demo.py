@@ -26,8 +26,23 @@ from .teacher import build_teacher, teacher_path
 
 
 def _store_done(cfg: Config, split: str) -> bool:
-    p = default_store_path(cfg, split)
-    return p.exists() and GradStore.open(p).complete
+    from .gradient_job import checkpoint_configs
+
+    paths = [default_store_path(c, split) for c, _ in checkpoint_configs(cfg)]
+    return all(p.exists() and GradStore.open(p).complete for p in paths)
+
+
+def _teacher_means(cfg: Config, query_ids: set[str]) -> np.ndarray:
+    """(pool,) mean teacher score to the given query rows: the (checkpoint-weighted) gradient cosine."""
+    from .gradient_job import checkpoint_configs
+
+    parts = checkpoint_configs(cfg)
+    total = 0.0
+    for c, w in parts:
+        pg, qg = GradStore.open(default_store_path(c, "pool")), GradStore.open(default_store_path(c, "queries"))
+        qsel = np.array([i in query_ids for i in qg.ids()])
+        total = total + w * (pg.grads().astype(np.float32) @ qg.grads().astype(np.float32)[qsel].T).mean(1)
+    return total / sum(w for _, w in parts)
 
 
 def _gradients(cfg: Config, splits: list[str]) -> None:
@@ -167,10 +182,7 @@ def run_demo(cfg: Config, fresh: bool = False, console: Console | None = None) -
 
     # Planted retrieval: mean similarity to the behaviour outputs, student vs teacher vs TF-IDF.
     methods = {"student (influcoder filter)": np.array([fscores[r.id] for r in pool])}
-    pg, qg = GradStore.open(default_store_path(cfg, "pool")), GradStore.open(default_store_path(cfg, "queries"))
-    qids = set(q.id for q in bad)
-    qsel = np.array([i in qids for i in qg.ids()])
-    methods["teacher (gradient cosine)"] = (pg.grads().astype(np.float32) @ qg.grads().astype(np.float32)[qsel].T).mean(1)
+    methods["teacher (gradient cosine)"] = _teacher_means(cfg, {q.id for q in bad})
     methods["TF-IDF"] = tfidf_scores([q.as_text() for q in bad], texts, texts)[0].T.mean(1)
     methods["random"] = np.random.default_rng(0).random(len(pool))
     n_pl = int(planted.sum())
