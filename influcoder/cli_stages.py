@@ -69,7 +69,8 @@ def eval_fidelity_cmd(config: ConfigArg, set_: SetOpt = [],
 @eval_app.command("planted")
 def eval_planted_cmd(config: ConfigArg, set_: SetOpt = [],
                      json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report to this JSON file.")] = None,
-                     progress: ProgressOpt = False) -> None:
+                     progress: ProgressOpt = False,
+                     resume: Annotated[bool, typer.Option("--resume", help="Read the result of a seed that already has one instead of running it again.")] = False) -> None:
     """Planted-behaviour retrieval (the DATE-LM toxicity protocol), every method in one run.
 
     Plants unsafe examples in a benign pool, fine-tunes, ranks the pool by influence on held-out
@@ -78,7 +79,7 @@ def eval_planted_cmd(config: ConfigArg, set_: SetOpt = [],
     the top-ranked rows and fine-tuning again."""
     from .evaluation import planted_eval
 
-    rep = planted_eval(load_config(config, set_), json_out, progress)
+    rep = planted_eval(load_config(config, set_), json_out, progress, resume)
     _print({"aggregate": rep["aggregate"], "plots": rep["plots"]})
 
 

@@ -179,7 +179,10 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
 
     methods = {m: {"auprc": auprc(labels, s), "recall@planted": recall_of_planted_at_k(labels, s, n_planted),
                    "precision@10": precision_at_k(labels, s, 10), "seconds": round(seconds[m], 3)} for m, s in scores.items()}
-    result = {"seed": seed, "pool": info, "n_pool": len(pool), "n_planted": n_planted, "finetune_seconds": round(ft_seconds, 1),
+    result = {"seed": seed, "settings": {"teacher_variants": list(p.teacher_variants), "teacher_scores": list(p.teacher_scores),
+                                          "student_teacher": p.student_teacher, "samples": p.samples,
+                                          "student_steps": cfg.student.epochs * cfg.student.steps_per_epoch},
+              "pool": info, "n_pool": len(pool), "n_planted": n_planted, "finetune_seconds": round(ft_seconds, 1),
               "teacher_build_seconds": round(t_teacher, 2), "distill_seconds": round(t_distill, 1),
               "student_fidelity": fid["rows"]["student"], "unsafe_rate": learned, "methods": methods}
     if p.close_loop:
@@ -207,12 +210,15 @@ def close_loop(cfg: Config, root: Path, pool, labels: np.ndarray, ranking: np.nd
 
 
 def _aggregate(results: list[dict]) -> dict:
-    methods = results[0]["methods"].keys()
+    """Mean and std over the seeds that ranked each method (a resumed run may have measured some
+    methods on fewer seeds: `n_seeds` says how many)."""
+    methods = dict.fromkeys(m for r in results for m in r["methods"])
     agg = {}
     for m in methods:
-        agg[m] = {}
+        have = [r for r in results if m in r["methods"]]
+        agg[m] = {"n_seeds": len(have)}
         for key in ("auprc", "recall@planted", "precision@10", "seconds"):
-            v = np.array([r["methods"][m][key] for r in results], float)
+            v = np.array([r["methods"][m][key] for r in have], float)
             agg[m][key] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
     return agg
 
@@ -253,8 +259,13 @@ def _plots(results: list[dict], agg: dict, out: Path) -> list[str]:
     return [str(out / "planted_pr.png"), str(out / "planted_time.png")]
 
 
-def planted_eval(cfg: Config, out_json: Path | None = None, progress: bool = False) -> dict:
-    results = [one_seed(cfg, s, progress) for s in cfg.planted.seeds]
+def planted_eval(cfg: Config, out_json: Path | None = None, progress: bool = False, resume: bool = False) -> dict:
+    """Every seed of cfg.planted.seeds; with `resume`, a seed that already has a result.json is read,
+    not run again (its settings may differ from this call's: each result records its own)."""
+    results = []
+    for s in cfg.planted.seeds:
+        done = cfg.run_dir / "planted" / f"seed{s}" / "result.json"
+        results.append(json.loads(done.read_text()) if resume and done.is_file() else one_seed(cfg, s, progress))
     agg = _aggregate(results)
     out = cfg.run_dir / "planted"
     report = {"settings": cfg.planted.model_dump(), "model": cfg.model.name, "student": cfg.student.base,

@@ -101,7 +101,9 @@ def planted_markdown(reports: dict[str, dict]) -> str:
         cells = []
         for n in names:
             v = reports[n]["aggregate"].get(m)
-            cells += ([f"{v['auprc']['mean']:.3f} ± {v['auprc']['std']:.3f}", f"{v['recall@planted']['mean']:.2f}",
+            n_all = len(reports[n]["seeds"])
+            few = f" (n={v['n_seeds']})" if v and v.get("n_seeds", n_all) < n_all else ""
+            cells += ([f"{v['auprc']['mean']:.3f} ± {v['auprc']['std']:.3f}{few}", f"{v['recall@planted']['mean']:.2f}",
                        f"{v['seconds']['mean']:.1f}"] if v else ["—", "—", "—"])
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     meta = []

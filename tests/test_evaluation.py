@@ -85,8 +85,16 @@ def test_report_gathers_results_into_one_page(root, tmp_path):
         f"out_dir={tmp_path}", "planted.n_benign=60", "planted.share=0.05", "planted.n_reference=6", "planted.close_loop=false",
         "planted.n_generate=2", "planted.max_new_tokens=4", "student.epochs=1", "student.steps_per_epoch=5", "teacher.n_anchors=8",
         "ray.num_workers=0"])
-    planted_eval(cfg)
+    first = planted_eval(cfg)
     page = write_report(cfg.run_dir).read_text()
+    # --resume reads seed 0's result; seed 1 runs with fewer teacher passes: each row says on how many seeds it stands
+    more = cfg.model_copy(update={"planted": cfg.planted.model_copy(update={"seeds": [0, 1], "teacher_variants": ["none"],
+                                                                           "student_teacher": "none"})})
+    rep = planted_eval(more, resume=True)
+    assert rep["seeds"][0] == first["seeds"][0]
+    agg = rep["aggregate"]
+    assert agg["teacher (checkpoints, cosine)"]["n_seeds"] == 1 and agg["TF-IDF"]["n_seeds"] == 2
+    assert agg["teacher (checkpoints, cosine)"]["auprc"]["mean"] == first["aggregate"]["teacher (checkpoints, cosine)"]["auprc"]["mean"]
     assert "Planted-behaviour retrieval" in page and page.count("data:image/png;base64,") == 2
     assert "influcoder student" in page and "BM25" in page
     with pytest.raises(FileNotFoundError, match="nothing|no fidelity"):
