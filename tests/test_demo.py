@@ -27,3 +27,19 @@ def test_demo_quick_end_to_end(tmp_path, root):
     r2 = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=600)
     assert r2.returncode == 0 and "cached" in r2.stdout
     assert json.loads((run / "demo-summary.json").read_text())["timings_s"] == {}
+
+
+def test_demo_quick_at_the_finetuned_checkpoints(tmp_path, root):
+    """The default attribution point on tiny models: fine-tune (2 checkpoints), one store per
+    checkpoint, the learning-rate-weighted teacher, and what the fine-tune learned."""
+    cmd = [sys.executable, "-m", "influcoder", "demo", "--quick", "--set", f"out_dir={tmp_path}", "--set", f"index.root={tmp_path}/index",
+           "--set", "model.target=finetuned", "--set", "data.demo.n=96", "--set", "planted.n_generate=2", "--set", "planted.max_new_tokens=4",
+           "--set", "planted.samples=1", "--set", "student.epochs=1", "--set", "ray.num_workers=0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "tiny"
+    for f in ("grads-ckpt0.zarr", "grads-ckpt1.zarr", "grads-queries-ckpt0.zarr", "grads-queries-ckpt1.zarr", "finetune/learned.json"):
+        assert (run / f).exists(), f
+    summary = json.loads((run / "demo-summary.json").read_text())
+    assert "sampled_rate" in summary["learned"]["finetuned"] and 0 <= summary["retrieval"]["teacher (gradient cosine)"]["auprc"] <= 1
+    assert "learned?" in r.stdout
