@@ -106,11 +106,9 @@ def _scaling(dim: int, sizes: list[int], n_queries: int = 50) -> list[dict]:
 def query_bench(cfg: Config, n_queries: int = 40, k: int = 10, clients: int = 4, max_seconds: float = 20.0,
                 scale: list[int] | None = None) -> dict:
     from .engine import Engine
-    from .teacher_score import unit as _unit
-    from .gradient_job import default_store_path
     from .index import index_dir
     from .service import create_app
-    from .store import GradStore
+    from .teacher_score import raw_rows
     from .tokenization import tokenize_records
 
     idx = index_dir(cfg)
@@ -133,16 +131,18 @@ def query_bench(cfg: Config, n_queries: int = 40, k: int = 10, clients: int = 4,
     with _server(create_app(engine)) as url:
         http = _http(url, inputs, k, clients, max_requests=20 * len(inputs), max_seconds=max_seconds)
 
-    teacher = engine.teacher()  # the decoder + LoRA at the run's settings
-    store = GradStore.open(default_store_path(cfg, "pool"))
-    G = _unit(store.grads())  # (n_pool, d), preloaded: favours the exact path
-    ids = np.asarray(store.ids())
+    teacher = engine.teacher()  # the decoder(s) + LoRA at the run's settings, one per teacher checkpoint
+    # every store preloaded and corrected: favours the exact path
+    parts = [(w / teacher.weight, worker, tf, tf.pool(raw_rows(store))) for w, worker, store, tf in teacher.parts]
+    store = teacher.parts[0][2]
+    ids = np.asarray(teacher.ids)
     lat_c, top_c = [], []
     for r in recs:
         t0 = time.perf_counter()
-        ex, _ = tokenize_records([r], teacher.worker.decoder.tokenizer, cfg.data.max_length, cfg.data.chat_template)
-        v = _unit(teacher.worker.vectors(ex)[0])[0]
-        s = G @ v
+        s = 0.0
+        for w, worker, tf, G in parts:
+            ex, _ = tokenize_records([r], worker.decoder.tokenizer, cfg.data.max_length, cfg.data.chat_template)
+            s = s + w * (G @ tf.query(worker.vectors(ex)[0])[0])  # (n_pool,)
         top = ids[np.argsort(-s)[:k]]
         lat_c.append(1000 * (time.perf_counter() - t0))
         top_c.append(list(top))
@@ -157,7 +157,7 @@ def query_bench(cfg: Config, n_queries: int = 40, k: int = 10, clients: int = 4,
         "speedup_exact_over_engine_p50": round(c["p50_ms"] / a["p50_ms"], 1),
         f"recall@{k}_engine_vs_exact": round(recall, 3),
         "bytes_per_example": {"index": round(sum((idx / f).stat().st_size for f in ("faiss.index", "records.parquet")) / max(n_index, 1)),
-                              "gradient_store": round(_bytes(default_store_path(cfg, "pool")) / max(n_store, 1)),
+                              "gradient_store": round(sum(_bytes(st.path) for _, _, st, _ in teacher.parts) / max(n_store, 1)),
                               "encoder_once_mb": round(_bytes(idx / "encoder") / 2**20, 1) if (idx / "encoder").exists() else None},
         "scaling": _scaling(engine.manifest["dim"], scale or [100_000, 1_000_000]),
     }
