@@ -202,29 +202,39 @@ def to_record(row: Any, loc: str, f: DataConfig) -> Record:
     return Record(rid, prompt if text is None else None, response if text is None else None, text, meta, loc)
 
 
-def iter_records(path: str | Path, fields: DataConfig | None = None, report: LoadReport | None = None) -> Iterator[Record]:
-    """Stream records from a file or folder. Bad rows raise, or are counted in `report` when
-    `fields.skip_bad_rows` is set. Duplicate ids are bad rows too."""
-    f = fields or DataConfig()
-    report = report if report is not None else LoadReport()
+def checked_rows(path: str | Path, f: DataConfig, report: LoadReport, compact_ids: bool = False) -> Iterator[tuple[str, Any, Record]]:
+    """(location, parsed row, record) for every good row of a file or folder. Bad rows (duplicate ids
+    included) raise, or are counted in `report` when `f.skip_bad_rows` is set. `compact_ids` remembers
+    ids as 12-byte digests (a dataset larger than memory still fits its id set) at the cost of naming
+    the first occurrence of a duplicate."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
-    seen: dict[str, str] = {}
+    seen: dict[Any, str] = {}
     for loc, row in _READERS[detect_format(p)](p):
         try:
             if isinstance(row, DataError):
                 raise row
             rec = to_record(row, loc, f)
-            if rec.id in seen:
-                raise DataError(f"{loc}: duplicate id '{rec.id}' (first at {seen[rec.id]})")
+            key = hashlib.blake2b(rec.id.encode(), digest_size=12).digest() if compact_ids else rec.id
+            if key in seen:
+                first = "an earlier row has the same id" if compact_ids else f"first at {seen[key]}"
+                raise DataError(f"{loc}: duplicate id '{rec.id}' ({first})")
         except DataError as e:
             if not f.skip_bad_rows:
                 raise
             report.note_bad(str(e))
             continue
-        seen[rec.id] = loc
+        seen[key] = "" if compact_ids else loc
         report.n_rows += 1
+        yield loc, row, rec
+
+
+def iter_records(path: str | Path, fields: DataConfig | None = None, report: LoadReport | None = None) -> Iterator[Record]:
+    """Stream records from a file or folder (see `checked_rows`), up to `fields.limit`."""
+    f = fields or DataConfig()
+    report = report if report is not None else LoadReport()
+    for _, _, rec in checked_rows(path, f, report):
         yield rec
         if f.limit is not None and report.n_rows >= f.limit:
             return

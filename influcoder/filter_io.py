@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .config import DataConfig
-from .data import _READERS, DataError, LoadReport, Record, detect_format, to_record
+from .data import DataError, LoadReport, Record, checked_rows, detect_format
 
 SCORE_FIELD = "_influcoder_score"
 TOP_FIELD = "_influcoder_top_behaviours"
@@ -78,31 +78,12 @@ class _Lines:
 
 
 def iter_rows(path: str | Path, fields: DataConfig, report: LoadReport) -> Iterator[Row]:
-    """Like `data.iter_records` (same checks and messages; `fields.limit` ignored), keeping each
-    row's original form. Duplicate ids are bad rows; ids are remembered as 12-byte digests so a
-    dataset larger than memory still fits its id set."""
+    """Like `data.iter_records` (same checks; `fields.limit` ignored), keeping each row's original
+    form; ids are remembered as digests (`checked_rows(compact_ids=True)`)."""
     p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: no such file or folder")
-    fmt = detect_format(p)
-    lines = _Lines(p) if fmt == "jsonl" else None
-    seen: set[bytes] = set()
+    lines = _Lines(p) if p.exists() and detect_format(p) == "jsonl" else None
     try:
-        for loc, row in _READERS[fmt](p):
-            try:
-                if isinstance(row, DataError):
-                    raise row
-                rec = to_record(row, loc, fields)
-                key = hashlib.blake2b(rec.id.encode(), digest_size=12).digest()
-                if key in seen:
-                    raise DataError(f"{loc}: duplicate id '{rec.id}' (an earlier row has the same id)")
-            except DataError as e:
-                if not fields.skip_bad_rows:
-                    raise
-                report.note_bad(str(e))
-                continue
-            seen.add(key)
-            report.n_rows += 1
+        for loc, row, rec in checked_rows(p, fields, report, compact_ids=True):
             raw = lines.at(int(loc.rsplit(":", 1)[1])) if lines is not None else None
             yield Row(rec, raw, None if raw is not None else row)
     finally:
