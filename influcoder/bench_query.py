@@ -140,8 +140,8 @@ def query_bench(cfg: Config, n_queries: int = 40, k: int = 10, clients: int = 4,
     for r in recs:
         t0 = time.perf_counter()
         s = 0.0
+        ex, _ = tokenize_records([r], parts[0][1].decoder.tokenizer, cfg.data.max_length, cfg.data.chat_template)
         for w, worker, tf, G in parts:
-            ex, _ = tokenize_records([r], worker.decoder.tokenizer, cfg.data.max_length, cfg.data.chat_template)
             s = s + w * (G @ tf.query(worker.vectors(ex)[0])[0])  # (n_pool,)
         top = ids[np.argsort(-s)[:k]]
         lat_c.append(1000 * (time.perf_counter() - t0))

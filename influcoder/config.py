@@ -132,7 +132,7 @@ class TeacherConfig(Section):
     score: Literal["cosine", "centred", "fisher"] = "cosine"
     """Teacher score: plain gradient `cosine`; `centred` (subtract the pool's mean gradient from both sides first); `fisher` (centred, then the query side multiplied by (F + λI)⁻¹, F the pool's gradient covariance: directions every training example shares count less)."""
     checkpoints: list[int] = [0, -1]
-    """Saved fine-tune checkpoints (indices: 0 = earliest, -1 = the final adapter) the teacher sums over, each weighted by the learning rate of the stretch of training it closes (TracIn/LESS; measured on the planted benchmark it is the one teacher that beats TF-IDF on both variants). Each gets its own gradient store (`grads-ckpt<I>.zarr`); `influcoder gradients` computes them all. Used with this run's own fine-tune (model.target=finetuned, no model.adapter); empty: one store at the final adapter (or model.checkpoint)."""
+    """Saved fine-tune checkpoints (indices: 0 = earliest, -1 = the final adapter) the teacher sums over, each weighted by the learning rate of the stretch of training it closes (TracIn/LESS; on the planted benchmark, 3 seeds, it beat TF-IDF by +0.12 and +0.07 AUPRC, and the final adapter alone by +0.07 and −0.01 — all within the seed spread). Each gets its own gradient store (`grads-ckpt<I>.zarr`); `influcoder gradients` computes them all. Used with this run's own fine-tune (model.target=finetuned, no model.adapter); empty: one store at the final adapter (or model.checkpoint)."""
     score_damping: float = 1.0
     """λ of the `fisher` score, relative to the mean non-zero eigenvalue of F (measured on the planted benchmark, seed 0: 1.0 beat 0.1 and 0.01 on every gradient pass)."""
     score_sample: int = 4096

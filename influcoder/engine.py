@@ -113,9 +113,10 @@ class TeacherScorer:
 
         rows = [sorted({self.row_of[c] for c in cands if c in self.row_of}) for cands in candidates]
         total = [np.zeros(len(r)) for r in rows]
+        # every checkpoint shares the base model's tokenizer: tokenize once
+        ex, _ = tokenize_records(records, self.parts[0][1].decoder.tokenizer, self.cfg.data.max_length, self.cfg.data.chat_template)
         for w, worker, store, tf in self.parts:
             with self.lock:
-                ex, _ = tokenize_records(records, worker.decoder.tokenizer, self.cfg.data.max_length, self.cfg.data.chat_template)
                 V = tf.query(worker.vectors(ex)[0])  # (n_queries, d) unit rows
             for t, v, have in zip(total, V, rows):
                 if have:
