@@ -33,15 +33,19 @@ def _store_done(cfg: Config, split: str) -> bool:
 
 
 def _teacher_means(cfg: Config, query_ids: set[str]) -> np.ndarray:
-    """(pool,) mean teacher score to the given query rows: the (checkpoint-weighted) gradient cosine."""
+    """(pool,) mean teacher score to the given query rows, over every pool row: the teacher's
+    (checkpoint-weighted, corrected) gradient score, with the corrections teacher.zarr saved."""
     from .gradient_job import checkpoint_configs
+    from .teacher import transform_file
+    from .teacher_score import ScoreTransform, raw_rows
 
     parts = checkpoint_configs(cfg)
     total = 0.0
-    for c, w in parts:
+    for k, (c, w) in enumerate(parts):
         pg, qg = GradStore.open(default_store_path(c, "pool")), GradStore.open(default_store_path(c, "queries"))
-        qsel = np.array([i in query_ids for i in qg.ids()])
-        total = total + w * (pg.grads().astype(np.float32) @ qg.grads().astype(np.float32)[qsel].T).mean(1)
+        rows = [i for i, x in enumerate(qg.ids()) if x in query_ids]
+        tf = ScoreTransform.load(teacher_path(cfg) / transform_file(k))
+        total = total + w * tf.scores(raw_rows(qg, rows), raw_rows(pg)).mean(0)
     return total / sum(w for _, w in parts)
 
 
