@@ -58,6 +58,7 @@ def filter_cmd(
     canaries: Annotated[Optional[Path], typer.Option(help="Known-bad training examples, scored like dataset rows, that calibrate --target-precision.")] = None,
     aggregate: Annotated[Optional[str], typer.Option(help="How cosines to the behaviours combine: mean (default), max or topm; default filter.aggregate.")] = None,
     top_m: Annotated[Optional[int], typer.Option(min=1, help="topm: how many best-matching behaviours are averaged; default filter.top_m.")] = None,
+    fusion: Annotated[Optional[str], typer.Option(help="bm25: rank by reciprocal-rank fusion of the student score with a BM25 score against the same behaviours (beat both alone on the planted benchmark; --budget only); none: the student score alone. Default filter.fusion (none).")] = None,
     chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Rows embedded and scored per chunk (the unit of resume); default filter.chunk_size (4096).")] = None,
     skip_bad_rows: Annotated[bool, typer.Option("--skip-bad-rows", help="Skip malformed dataset rows and count them in the report instead of stopping at the first one.")] = False,
     work_dir: Annotated[Optional[Path], typer.Option(help="Where per-chunk scores go while running (resume state); default .<out name>.work next to --out.")] = None,
@@ -85,7 +86,7 @@ def filter_cmd(
     mode, value = next(iter(modes.items()), ("budget", None))
     student = student_from_index(index, device) if index is not None else student_from_encoder(encoder, device)  # type: ignore[arg-type]
     raw = {"filter": student.defaults.model_dump(mode="json")}
-    for key, v in {"aggregate": aggregate, "top_m": top_m, "chunk_size": chunk_size}.items():
+    for key, v in {"aggregate": aggregate, "top_m": top_m, "fusion": fusion, "chunk_size": chunk_size}.items():
         if v is not None:
             raw["filter"][key] = v
     bad = [x for x in set_ if not x.split("=", 1)[0].strip().startswith("filter.")]

@@ -312,6 +312,8 @@ class FilterConfig(Section):
     """`topm`: how many of the best-matching behaviour (and reference) examples are averaged."""
     text: Literal["full", "response"] = "full"
     """What of each prompt/response example (dataset rows, behaviours, reference, canaries) is embedded: `full` (prompt + response, as the index and the student see them) or `response` (the output alone; batch filter only, `/v1/flag` scores the index's full-text vectors). Measured with MiniLM, mean aggregate: demo's planted insults AUPRC 0.42 full, 0.89 response; Dolly + planted HH-RLHF harmful replies 0.60 full, 0.51 response."""
+    fusion: Literal["none", "bm25"] = "none"
+    """`bm25`: rank rows by reciprocal-rank fusion (Σ 1/(60 + rank)) of the student score and a BM25 score against the same behaviour examples (`lexical.py`; exact whole-dataset statistics, streamed); `--budget` only, as fused scores have no absolute scale. `none`: the student score alone (the attribution score; what `/v1/flag` uses). Measured on the planted benchmark (SmolLM2 × shared data, 3 seeds, AUPRC): homogeneous student 0.640, BM25 0.420, fused 0.674; heterogeneous 0.334, 0.414, 0.486."""
     chunk_size: int = 4096
     """Dataset rows embedded and scored per chunk; a crashed run resumes from the last finished chunk."""
     budget: float = 0.02

@@ -20,10 +20,11 @@ from .distill import distill, encoder_path
 from .fidelity import encode, tfidf_scores
 from .finetune import adapter_path, finetune, finetune_dir
 from .gradient_job import default_store_path
-from .ray_jobs import run_job
-from .metrics import auprc, precision_at_k, recall_of_planted_at_k
+from .lexical import Bm25
+from .metrics import auprc, precision_at_k, recall_of_planted_at_k, rrf
 from .models import load_decoder, load_encoder
 from .planted import UnsafeDetector, build_pool, unsafe_rate
+from .ray_jobs import run_job
 from .store import GradStore
 from .teacher import build_teacher
 from .teacher_score import ScoreTransform, checkpoint_sum, raw_rows
@@ -42,16 +43,11 @@ def _timed(fn):
 
 
 def bm25_scores(queries: list[str], docs: list[str]) -> np.ndarray:
-    """(docs,) mean over queries of each query's BM25 scores scaled by its maximum."""
-    import bm25s
-
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(docs, show_progress=False), show_progress=False)
-    total = np.zeros(len(docs))
-    for q in bm25s.tokenize(queries, show_progress=False, return_ids=False):
-        s = retriever.get_scores(q)
-        total += s / s.max() if s.max() > 0 else s
-    return total / max(len(queries), 1)
+    """(docs,) mean over queries of each query's BM25 scores scaled by its maximum (the filter's
+    `fusion = bm25` score, `lexical.Bm25`, on one chunk)."""
+    bm = Bm25(queries)
+    counts = bm.count(docs)
+    return bm.scores(1, lambda k, key: counts[key])
 
 
 def _grad_matrices(run_cfg: Config) -> tuple[np.ndarray, np.ndarray, float]:
@@ -71,16 +67,6 @@ def _teacher_scores(P: np.ndarray, R: np.ndarray, kinds: list[str], damping: flo
         s = ScoreTransform.fit(kind, P, damping).scores(R, P).mean(0)
         out[kind] = (s, time.perf_counter() - t0)
     return out
-
-
-def rrf(*scores: np.ndarray, k: int = 60) -> np.ndarray:
-    """Reciprocal-rank fusion: Σ 1/(k + rank), rank 1 = highest score."""
-    total = np.zeros(len(scores[0]))
-    for s in scores:
-        ranks = np.empty(len(s))
-        ranks[np.argsort(-np.asarray(s), kind="stable")] = np.arange(1, len(s) + 1)
-        total += 1.0 / (k + ranks)
-    return total
 
 
 def _encoder_scores(model, pool: list[str], refs: list[str], cfg: Config) -> tuple[np.ndarray, float]:

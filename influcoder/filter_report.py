@@ -22,21 +22,25 @@ from .metrics import auprc, precision_at_k, recall_of_planted_at_k
 
 BINS = 50
 SCHEMA = pa.schema([("row", pa.int64()), ("id", pa.string()), ("score", pa.float64()), ("behaviour_score", pa.float64()),
-                    ("reference_score", pa.float64()), ("flagged", pa.bool_())])
+                    ("reference_score", pa.float64()), ("bm25_score", pa.float64()), ("flagged", pa.bool_())])
 
 
 class ScoresWriter:
-    """scores.parquet, one row group per chunk: row (0-based among good rows), id, scores, decision."""
+    """scores.parquet, one row group per chunk: row (0-based among good rows), id, scores, decision.
+    `score` is what the decision ranked (the fused score under filter.fusion, else behaviour − reference);
+    `bm25_score` is null without fusion."""
 
     def __init__(self, path: Path):
         self.w = pq.ParquetWriter(str(path), SCHEMA)
         self.at = 0
 
-    def write(self, ids: list[str], score: np.ndarray, beh: np.ndarray, ref: np.ndarray, flagged: np.ndarray) -> None:
+    def write(self, ids: list[str], score: np.ndarray, beh: np.ndarray, ref: np.ndarray, flagged: np.ndarray,
+              bm25: np.ndarray | None = None) -> None:
         n = len(ids)
+        lex = pa.nulls(n, pa.float64()) if bm25 is None else pa.array(np.asarray(bm25, np.float64))
         self.w.write_table(pa.table({"row": np.arange(self.at, self.at + n, dtype=np.int64), "id": ids,
                                      "score": np.asarray(score, np.float64), "behaviour_score": np.asarray(beh, np.float64),
-                                     "reference_score": np.asarray(ref, np.float64), "flagged": np.asarray(flagged, bool)}, SCHEMA))
+                                     "reference_score": np.asarray(ref, np.float64), "bm25_score": lex, "flagged": np.asarray(flagged, bool)}, SCHEMA))
         self.at += n
 
     def close(self) -> None:
@@ -65,8 +69,10 @@ def distribution(scores: np.ndarray, mask: np.ndarray) -> dict:
                           "flagged": np.histogram(s[mask], edges)[0].tolist()}}
 
 
-def evaluation(labels: np.ndarray, scores: np.ndarray, mask: np.ndarray, field: str) -> dict | None:
-    """Known labels on every row (e.g. the demo's `planted`): how well the flags find them."""
+def evaluation(labels: np.ndarray, scores: np.ndarray, mask: np.ndarray, field: str,
+               parts: dict[str, np.ndarray] | None = None) -> dict | None:
+    """Known labels on every row (e.g. the demo's `planted`): how well the flags find them; with a
+    fused score, also each part's AUPRC alone."""
     lab = np.asarray(labels)
     if not len(lab) or (lab < 0).any() or not lab.any():
         return None
@@ -77,12 +83,13 @@ def evaluation(labels: np.ndarray, scores: np.ndarray, mask: np.ndarray, field: 
             "auprc_over_base_rate": _r(ap / base), "flagged_precision": _r(float(pos[mask].mean()) if n_flag else 0.0),
             "flagged_recall": _r(float(pos[mask].sum() / pos.sum())),
             "precision_at_n_positive": _r(precision_at_k(pos, scores, int(pos.sum()))),
-            "recall_at_n_positive": _r(recall_of_planted_at_k(pos, scores, int(pos.sum())))}
+            "recall_at_n_positive": _r(recall_of_planted_at_k(pos, scores, int(pos.sum()))),
+            **({"auprc_of_parts": {k: _r(auprc(pos, v)) for k, v in parts.items()}} if parts else {})}
 
 
 def build(*, settings: dict, source: dict, run: Any, value: float, scores: np.ndarray, mask: np.ndarray, labels: np.ndarray,
           decision: dict, load: LoadReport, timings: dict, top: list[dict], behaviours: list[Record],
-          canary_scores: np.ndarray | None) -> dict:
+          canary_scores: np.ndarray | None, parts: dict[str, np.ndarray] | None = None) -> dict:
     n, n_flag = len(scores), int(mask.sum())
     dec = json.loads(json.dumps(decision, default=float))
     if canary_scores is not None:
@@ -97,7 +104,7 @@ def build(*, settings: dict, source: dict, run: Any, value: float, scores: np.nd
         "bad_rows": load.bad,
         "threshold": dec,
         "distribution": distribution(scores, mask),
-        "evaluation": evaluation(labels, scores, mask, settings["label_field"]),
+        "evaluation": evaluation(labels, scores, mask, settings["label_field"], parts),
         "settings": {**settings, "mode": run.mode, "value": value, "skip_bad_rows": run.skip_bad_rows,
                      "canaries": str(run.canaries) if run.canaries else None, "source": source},
         "outputs": {"kept": "kept.jsonl", "flagged": "flagged.jsonl", "scores": "scores.parquet", "report": "report.json",

@@ -60,11 +60,23 @@ import numpy as np
 from . import __version__
 from .config import DataConfig, FilterConfig
 from .data import LoadReport, Record, iter_records
-from .filter_io import SCORE_FIELD, TOP_FIELD, ChunkStore, chunked, file_sha256, ids_sha, iter_rows
+from .filter_io import (
+    SCORE_FIELD,
+    TOP_FIELD,
+    ChunkStore,
+    chunked,
+    file_sha256,
+    ids_sha,
+    iter_rows,
+)
 from .filter_thresholds import MODES, FilterError, calibrate, check_decision, decide  # noqa: F401 - part of this module's API
+from .lexical import TOKENS, Bm25
+from .metrics import rrf
 
 SCORING = ("score = AGG over behaviour examples of cos(student(example, document prompt), student(behaviour, query prompt))"
            " − the same AGG over reference examples (0 without a reference set); higher = more like the behaviour")
+FUSED = ("score = reciprocal-rank fusion Σ 1/(60 + rank) of the student score (AGG over behaviour examples of the student "
+         "cosine − the same AGG over reference examples) and the BM25 score against the behaviour examples (" + TOKENS + ")")
 
 
 def aggregate(S: np.ndarray, how: str, top_m: int) -> np.ndarray:
@@ -128,7 +140,14 @@ class Student:
 
 def student_from_index(index: str | Path, device: str = "auto") -> Student:
     """The student of a built index (`index/<name>/`), its data fields and its run's `filter` section."""
-    from .index import dir_sha256, encoder_dir, load_student, read_manifest, resolve_index, run_config
+    from .index import (
+        dir_sha256,
+        encoder_dir,
+        load_student,
+        read_manifest,
+        resolve_index,
+        run_config,
+    )
 
     d = resolve_index(index)
     for _ in range(20):  # the folder may be swapped by a concurrent rebuild while we read it
@@ -244,6 +263,9 @@ def _filter(student: Student, run: FilterRun, fc: FilterConfig | None, progress:
     if value is None:
         raise FilterError(f"mode {run.mode} needs a value")
     check_decision(run.mode, float(value), run.canaries)
+    if fc.fusion != "none" and run.mode != "budget":
+        raise FilterError(f"filter.fusion={fc.fusion} ranks rows (fused scores have no absolute scale), so it needs --budget, "
+                          f"not --{'threshold' if run.mode == 'threshold' else 'target-precision'}")
     _check_out(run)
     fields = student.fields.model_copy(update={"skip_bad_rows": run.skip_bad_rows, "limit": None})
     beh = read_examples(run.behaviours, fields, "behaviour")
@@ -254,8 +276,9 @@ def _filter(student: Student, run: FilterRun, fc: FilterConfig | None, progress:
         B = student.embed([text_of(r, fc.text) for r in beh], "query", bs)  # behaviours are outputs: query prompt
         R = student.embed([text_of(r, fc.text) for r in ref], "query", bs) if ref else None
         scorer = Scorer(B, R, fc.aggregate, fc.top_m, fc.top_behaviours)
+        bm25 = Bm25([text_of(r, fc.text) for r in beh])  # its counts are kept whatever filter.fusion, so it can change on resume
         settings = {
-            "scoring": SCORING, "aggregate": fc.aggregate, "top_m": fc.top_m, "text": fc.text, "chunk_size": fc.chunk_size,
+            "scoring": SCORING, "lexical": TOKENS, "aggregate": fc.aggregate, "top_m": fc.top_m, "text": fc.text, "chunk_size": fc.chunk_size,
             "top_behaviours": fc.top_behaviours, "label_field": fc.label_field,
             "encoder": {k: v for k, v in student.identity.items() if k != "source"},
             "fields": fields.model_dump(mode="json", exclude={"demo", "queries", "path", "max_length", "chat_template"}),
@@ -282,8 +305,8 @@ def _filter(student: Student, run: FilterRun, fc: FilterConfig | None, progress:
             if store.has(k, ids):
                 resumed += 1
                 continue
-            X = student.embed([text_of(r.record, fc.text) for r in rows], "document", bs)  # (c, dim)
-            arrays = scorer.score(X)
+            texts = [text_of(r.record, fc.text) for r in rows]
+            arrays = scorer.score(student.embed(texts, "document", bs)) | bm25.count(texts)
             arrays["label"] = np.array([label_of(r.record, fc.label_field) for r in rows], np.int8)
             store.put(k, ids, arrays)
             n_scored += len(rows)
@@ -295,7 +318,9 @@ def _filter(student: Student, run: FilterRun, fc: FilterConfig | None, progress:
 
         # 2. decision pass
         t1 = time.perf_counter()
-        scores = store.column(n_chunks, "score")
+        student_scores = store.column(n_chunks, "score")
+        lexical = bm25.scores(n_chunks, store.load) if fc.fusion == "bm25" else None
+        scores = student_scores if lexical is None else rrf(student_scores, lexical)
         canary_scores = None
         if run.mode == "precision":
             can = read_examples(run.canaries, fields, "canary")  # type: ignore[arg-type]
@@ -336,8 +361,11 @@ def _filter(student: Student, run: FilterRun, fc: FilterConfig | None, progress:
                         collected[row] = {"row": row, "id": r.record.id, "source": r.record.source, "score": float(scores[row]),
                                           "behaviour_score": float(z["behaviour"][i]), "reference_score": float(z["reference"][i]),
                                           "text": r.record.as_text()[:1000], "top_behaviours": tops}
+                        if lexical is not None:
+                            collected[row] |= {"student_score": float(student_scores[row]), "bm25_score": float(lexical[row])}
                 if writer is not None:
-                    writer.write(ids, scores[at:at + len(rows)], z["behaviour"], z["reference"], mask[at:at + len(rows)])
+                    writer.write(ids, scores[at:at + len(rows)], z["behaviour"], z["reference"], mask[at:at + len(rows)],
+                                 None if lexical is None else lexical[at:at + len(rows)])
                 at += len(rows)
         if writer is not None:
             writer.close()
@@ -348,7 +376,9 @@ def _filter(student: Student, run: FilterRun, fc: FilterConfig | None, progress:
                    "rows_per_s": round(n_scored / t_score, 1) if n_scored and t_score > 0 else None,
                    "decision_s": round(t_decide, 3), "writing_s": round(time.perf_counter() - t2, 3),
                    "total_s": round(time.perf_counter() - t_start, 3)}
-        rep = filter_report.build(settings=settings, source=student.identity.get("source", {}), run=run, value=float(value),
+        shown = settings | {"fusion": fc.fusion} | ({"scoring": FUSED} if lexical is not None else {})
+        parts = None if lexical is None else {"student": student_scores, "bm25": lexical}
+        rep = filter_report.build(settings=shown, parts=parts, source=student.identity.get("source", {}), run=run, value=float(value),
                                   scores=scores, mask=mask, labels=store.column(n_chunks, "label"), decision=decision,
                                   load=load, timings=timings, top=[collected[i] for i in top_rows if i in collected],
                                   behaviours=beh, canary_scores=canary_scores)

@@ -89,3 +89,13 @@ def recall_of_planted_at_k(labels: np.ndarray, scores: np.ndarray, k: int) -> fl
     labels = np.asarray(labels, bool)
     order = np.argsort(-np.asarray(scores, np.float64), kind="stable")[:k]
     return float(labels[order].sum() / max(labels.sum(), 1))
+
+
+def rrf(*scores: np.ndarray, k: int = 60) -> np.ndarray:
+    """Reciprocal-rank fusion: Σ 1/(k + rank), rank 1 = highest score."""
+    total = np.zeros(len(scores[0]))
+    for s in scores:
+        ranks = np.empty(len(s))
+        ranks[np.argsort(-np.asarray(s), kind="stable")] = np.arange(1, len(s) + 1)
+        total += 1.0 / (k + ranks)
+    return total

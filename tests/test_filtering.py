@@ -160,6 +160,36 @@ def test_threshold_mode_flags_exactly_rows_at_or_above(files, student, budget_ru
     assert {r["id"] for r in flagged} == want and len(want) == 30
 
 
+def test_bm25_fusion_ranks_by_rrf_of_student_and_bm25_and_reuses_the_scores(files, student, budget_run, tmp_path):
+    from influcoder.data import iter_records
+    from influcoder.metrics import auprc, rrf
+    from test_lexical import bm25s_reference
+
+    run, _ = budget_run
+    fc = FC.model_copy(update={"fusion": "bm25"})
+    rep = filter_dataset(student, FilterRun(run.dataset, run.behaviours, tmp_path / "out", "budget", 0.05, run.reference,
+                                            work_dir=run.work_dir, keep_work=True), fc)
+    assert rep["timings"]["rows_scored"] == 0  # fusion is a decision setting: the encoder pass is reused
+    kept, flagged = check_invariants(tmp_path / "out", files / "data.jsonl")
+    assert len(flagged) == round(0.05 * N)
+    plain = pq.read_table(run.out / "scores.parquet").to_pandas()
+    fused = pq.read_table(tmp_path / "out" / "scores.parquet").to_pandas()
+    student_score = plain["score"].to_numpy()
+    lexical = bm25s_reference([r.as_text() for r in iter_records(run.behaviours)], [r.as_text() for r in iter_records(run.dataset)])
+    assert np.allclose(fused["bm25_score"], lexical, atol=1e-6) and plain["bm25_score"].isna().all()
+    want = rrf(student_score, fused["bm25_score"].to_numpy())
+    assert np.allclose(fused["score"], want)
+    top = set(fused["id"][np.argsort(-want, kind="stable")[:len(flagged)]])
+    assert {r["id"] for r in flagged} == top
+    ev, labels = rep["evaluation"], np.array([r.meta["planted"] for r in iter_records(run.dataset)])
+    assert ev["auprc_of_parts"] == {"student": round(auprc(labels, student_score), 6), "bm25": round(auprc(labels, lexical), 6)}
+    assert ev["auprc"] == round(auprc(labels, want), 6) and rep["settings"]["fusion"] == "bm25" and "fusion" in rep["scoring"]
+    print(f"\nfusion: AUPRC fused {ev['auprc']:.3f}, student {ev['auprc_of_parts']['student']:.3f}, bm25 {ev['auprc_of_parts']['bm25']:.3f}")
+    with pytest.raises(FilterError, match="needs --budget"):
+        filter_dataset(student, FilterRun(run.dataset, run.behaviours, tmp_path / "t", "threshold", 0.1, work_dir=run.work_dir,
+                                          keep_work=True), fc)
+
+
 def test_target_precision_is_reached_on_the_canary_calibration(files, student, budget_run, tmp_path):
     run, _ = budget_run
     P = 0.9

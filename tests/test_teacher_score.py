@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from influcoder.evaluation import rrf
 from influcoder.sketch import Sketcher
 from influcoder.teacher_score import ScoreTransform, checkpoint_sum, unit
 
@@ -81,8 +80,3 @@ def test_checkpoint_sum_matches_a_loop():
         checkpoint_sum(mats, [0, 0, 0])
     with pytest.raises(ValueError, match="3 score matrices for 2"):
         checkpoint_sum(mats, lrs[:2])
-
-
-def test_rrf_by_hand():
-    a, b = np.array([0.9, 0.5, 0.1]), np.array([0.1, 0.8, 0.7])  # ranks a: 1,2,3; b: 3,1,2
-    assert np.allclose(rrf(a, b, k=1), [1 / 2 + 1 / 4, 1 / 3 + 1 / 2, 1 / 4 + 1 / 3])
