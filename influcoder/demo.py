@@ -16,12 +16,13 @@ from rich.table import Table
 from .config import Config
 from .data import load_split
 from .distill import distill, encoder_path
-from .finetune import adapter_path, finetune, finetune_dir
 from .fidelity import tfidf_scores
+from .finetune import adapter_path, finetune, finetune_dir
 from .gradient_job import default_store_path
-from .metrics import auprc, precision_at_k, recall_of_planted_at_k
-from .store import GradStore
 from .index_build import build_index
+from .lexical import bm25_scores
+from .metrics import auprc, precision_at_k, recall_of_planted_at_k, rrf
+from .store import GradStore
 from .teacher import build_teacher, teacher_path
 
 
@@ -188,6 +189,8 @@ def run_demo(cfg: Config, fresh: bool = False, console: Console | None = None) -
     methods = {"student (influcoder filter)": np.array([fscores[r.id] for r in pool])}
     methods["teacher (gradient cosine)"] = _teacher_means(cfg, {q.id for q in bad})
     methods["TF-IDF"] = tfidf_scores([q.as_text() for q in bad], texts, texts)[0].T.mean(1)
+    methods["BM25"] = bm25_scores([q.as_text() for q in bad], texts)
+    methods["student + BM25 (filter --fusion bm25)"] = rrf(methods["student (influcoder filter)"], methods["BM25"])
     methods["random"] = np.random.default_rng(0).random(len(pool))
     n_pl = int(planted.sum())
     retrieval = {m: {"auprc": auprc(planted, s), f"recall@{n_pl}": recall_of_planted_at_k(planted, s, n_pl),

@@ -20,7 +20,7 @@ from .distill import distill, encoder_path
 from .fidelity import encode, tfidf_scores
 from .finetune import adapter_path, finetune, finetune_dir
 from .gradient_job import default_store_path
-from .lexical import Bm25
+from .lexical import bm25_scores
 from .metrics import auprc, precision_at_k, recall_of_planted_at_k, rrf
 from .models import load_decoder, load_encoder
 from .planted import UnsafeDetector, build_pool, unsafe_rate
@@ -40,14 +40,6 @@ def _timed(fn):
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
-
-
-def bm25_scores(queries: list[str], docs: list[str]) -> np.ndarray:
-    """(docs,) mean over queries of each query's BM25 scores scaled by its maximum (the filter's
-    `fusion = bm25` score, `lexical.Bm25`, on one chunk)."""
-    bm = Bm25(queries)
-    counts = bm.count(docs)
-    return bm.scores(1, lambda k, key: counts[key])
 
 
 def _grad_matrices(run_cfg: Config) -> tuple[np.ndarray, np.ndarray, float]:

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from influcoder.config import PlantedConfig, load_config
-from influcoder.data import load_records, DataConfig
-from influcoder.evaluation import bm25_scores, planted_eval
+from influcoder.data import DataConfig, load_records
+from influcoder.evaluation import planted_eval
+from influcoder.lexical import bm25_scores
 from influcoder.planted import UnsafeDetector, build_pool
 
 
