@@ -36,6 +36,23 @@ def _derived(cfg: Config, root: Path, name: str, **sections) -> Config:
     return cfg.model_copy(update=upd, deep=True)
 
 
+def _cached(path: Path, key: dict, fn) -> tuple[object, bool]:
+    """fn()'s JSON-able result, kept in `path` with the settings `key` it was made from and reused
+    while they match (so a rerun that adds a teacher variant skips generation, distillation and
+    fine-tunes already done). Returns (value, reused)."""
+    key = json.loads(json.dumps(key, default=str))
+    if path.is_file():
+        d = json.loads(path.read_text())
+        if d.get("key") == key:
+            return d["value"], True
+    value = fn()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"key": key, "value": value}, indent=2) + "\n")
+    tmp.replace(path)
+    return value, False
+
+
 def _timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -92,7 +109,10 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
 
     detector = UnsafeDetector(p.kinds, p.jigsaw_path)
     prompts = [r.prompt or r.text[:200] for r in refs][: p.n_generate]
-    learned = {"base": _rate(cfg, None, prompts, detector), "finetuned": _rate(cfg, adapter, prompts, detector)}
+    gen_key = {"prompts": prompts, "kinds": p.kinds, "samples": p.samples, "max_new_tokens": p.max_new_tokens, "seed": cfg.seed,
+               "finetune": ft_cfg.finetune.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json")}
+    learned, _ = _cached(root / "learned.json", gen_key,
+                         lambda: {"base": _rate(cfg, None, prompts, detector), "finetuned": _rate(cfg, adapter, prompts, detector)})
 
     scores: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
@@ -142,7 +162,10 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
         raise ValueError(f"planted.student_teacher={p.student_teacher!r} was not computed; this run has {sorted(teachers)}"
                          + (" and checkpoints" if ckpt_sources else ""))
     (_, t_teacher) = _timed(lambda: build_teacher(main, sources=sources))
-    fid, t_distill = _timed(lambda: distill(main, progress=progress))
+    student_key = {"student_teacher": p.student_teacher, "teacher": main.teacher.model_dump(mode="json"), "student": main.student.model_dump(mode="json"),
+                   "gradients": cfg.gradients.model_dump(mode="json"), "finetune": ft_cfg.finetune.model_dump(mode="json"),
+                   "sources": [str(c.run_dir) for c, _ in sources or []]}
+    (fid, distilled), t_distill = _timed(lambda: _cached(main.run_dir / "student.json", student_key, lambda: distill(main, progress=progress)))
     student = load_encoder(str(encoder_path(main)))
     scores["influcoder student"], seconds["influcoder student"] = _encoder_scores(student, pool_texts, ref_texts, cfg)
     scores["untrained student"], seconds["untrained student"] = _encoder_scores(load_encoder(cfg.student.base, seed=cfg.student.seed), pool_texts, ref_texts, cfg)
@@ -161,16 +184,17 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
                                           "student_teacher": p.student_teacher, "samples": p.samples,
                                           "student_steps": cfg.student.epochs * cfg.student.steps_per_epoch},
               "pool": info, "n_pool": len(pool), "n_planted": n_planted, "finetune_seconds": round(ft_seconds, 1),
-              "teacher_build_seconds": round(t_teacher, 2), "distill_seconds": round(t_distill, 1),
+              "teacher_build_seconds": round(t_teacher, 2), "distill_seconds": round(t_distill, 1), "distill_reused": distilled,
               "student_fidelity": fid["rows"]["student"], "unsafe_rate": learned, "methods": methods}
     if p.close_loop:
-        result["close_loop"] = close_loop(cfg, root, pool, labels, scores["influcoder student"], seed, prompts, detector, progress)
+        result["close_loop"] = close_loop(cfg, root, pool, labels, scores["influcoder student"], seed, prompts, detector, progress, gen_key)
     np.savez(root / "scores.npz", labels=labels, **{m.replace(" ", "_"): s for m, s in scores.items()})
     (root / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def close_loop(cfg: Config, root: Path, pool, labels: np.ndarray, ranking: np.ndarray, seed: int, prompts, detector, progress) -> dict:
+def close_loop(cfg: Config, root: Path, pool, labels: np.ndarray, ranking: np.ndarray, seed: int, prompts, detector, progress,
+               gen_key: dict) -> dict:
     """Remove the top-k by the student (k = planted count) vs k at random; fine-tune again each."""
     k = int(labels.sum())
     out = {"removed": k}
@@ -181,9 +205,13 @@ def close_loop(cfg: Config, root: Path, pool, labels: np.ndarray, ranking: np.nd
         write_jsonl([pool[i].to_row() for i in keep], sub / "pool.jsonl")
         write_jsonl([], sub / "reference.jsonl")
         fc = _derived(cfg, sub, "finetune", finetune=cfg.finetune.model_copy(update={"seed": seed}))
-        finetune(fc, progress=progress)
-        out[name] = {"planted_removed": int(labels[drop].sum()),
-                     **{k: v for k, v in _rate(cfg, str(adapter_path(fc)), prompts, detector).items() if k in ("rate", "sampled_rate")}}
+
+        def retrain(fc=fc, drop=drop) -> dict:
+            finetune(fc, progress=progress)
+            rate = _rate(cfg, str(adapter_path(fc)), prompts, detector)
+            return {"planted_removed": int(labels[drop].sum()), **{k: v for k, v in rate.items() if k in ("rate", "sampled_rate")}}
+
+        out[name], _ = _cached(sub / "close_loop.json", {**gen_key, "removed": sorted(pool[i].id for i in drop)}, retrain)
     return out
 
 

@@ -77,6 +77,15 @@ def test_eval_planted_end_to_end_on_tiny(root, tmp_path):
     assert row.count(f"{v['mean']:.3f} ± {v['std']:.3f}") == 2 and len(md.splitlines()) == len(want) + 2 + 1 + 2
     for png in rep["plots"]:
         assert (tmp_path / png).exists() or __import__("os").path.exists(png)
+    # A rerun that adds nothing reuses generation, distillation and the close-the-loop fine-tunes
+    # (each cached with the settings it was made from) and gives the same numbers; other student settings redistil.
+    again = planted_eval(cfg.model_copy(update={"planted": cfg.planted.model_copy(update={"seeds": [0]})}))
+    (a,), b = again["seeds"], rep["seeds"][0]
+    assert a["distill_reused"] and not b["distill_reused"] and a["close_loop"] == b["close_loop"]
+    assert a["unsafe_rate"] == b["unsafe_rate"] and a["methods"]["influcoder student"]["auprc"] == b["methods"]["influcoder student"]["auprc"]
+    other = cfg.model_copy(update={"planted": cfg.planted.model_copy(update={"seeds": [0], "close_loop": False}),
+                                   "student": cfg.student.model_copy(update={"steps_per_epoch": 5})}, deep=True)
+    assert not planted_eval(other)["seeds"][0]["distill_reused"]
 
 
 def test_report_gathers_results_into_one_page(root, tmp_path):
