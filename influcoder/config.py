@@ -115,7 +115,7 @@ class GradientsConfig(Section):
     loss_reduction: Literal["mean", "sum"] = "mean"
     """Per-example loss: mean over response tokens (default) or their sum."""
     shard_size: int = 256
-    """Rows per shard; a shard is one zarr chunk, written by one worker, marked done when complete."""
+    """Rows per shard; a shard is one zarr chunk, written by one worker, marked done when complete. Workers take shards one at a time, so keep several shards per worker: a 300-row pool in 256-row shards kept one of two workers idle most of the run."""
     sort_by_length: bool = True
     """Batch examples of similar length together to avoid padding work."""
     torch_threads: int = 1

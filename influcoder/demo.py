@@ -142,10 +142,13 @@ def run_demo(cfg: Config, fresh: bool = False, console: Console | None = None) -
 
     # Which data caused this? The FAISS index over the student's embeddings, through the engine.
     from .engine import Engine
-    from .index import index_dir
+    from .index import dir_sha256, index_dir, read_manifest
 
     idx = index_dir(cfg)
-    stage("index", (idx / "manifest.json").exists(), lambda: build_index(cfg))
+    # The index lives outside the run folder: reuse it only if it holds this run's student.
+    current = (idx / "manifest.json").exists() and not fresh and \
+        read_manifest(idx)["encoder"]["sha256"] == dir_sha256(encoder_path(cfg))
+    stage("index", current, lambda: build_index(cfg))
     engine = Engine.load(idx)
     texts = [r.as_text() for r in pool]
     queries, _ = load_split(cfg.data, "queries")

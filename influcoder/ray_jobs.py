@@ -403,6 +403,7 @@ def run_job(cfg: Config, split: str = "pool", out: str | Path | None = None, pro
         if out:
             raise ValueError("--out with teacher.checkpoints: each checkpoint writes its own store under the run folder")
         return [run_job(c, split, None, progress, num_workers, address) for c, _ in parts][-1]
+    cfg = parts[0][0]  # one checkpoint picked (e.g. [-1]): its own store, where the teacher looks for it
     if (cfg.ray.num_workers if num_workers is None else num_workers) == 0:
         from .gradient_job import run_local
 

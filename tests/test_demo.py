@@ -43,3 +43,9 @@ def test_demo_quick_at_the_finetuned_checkpoints(tmp_path, root):
     summary = json.loads((run / "demo-summary.json").read_text())
     assert "sampled_rate" in summary["learned"]["finetuned"] and 0 <= summary["retrieval"]["teacher (gradient cosine)"]["auprc"] <= 1
     assert "learned?" in r.stdout
+    # --fresh redoes every stage, the index too (it lives outside the run folder and must not be reused)
+    before = json.loads((tmp_path / "index" / "tiny" / "manifest.json").read_text())["build_id"]
+    r2 = subprocess.run(cmd + ["--fresh"], capture_output=True, text=True, cwd=root, timeout=600)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "index" in json.loads((run / "demo-summary.json").read_text())["timings_s"]
+    assert json.loads((tmp_path / "index" / "tiny" / "manifest.json").read_text())["build_id"] != before

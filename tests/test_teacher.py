@@ -123,3 +123,11 @@ def test_checkpoint_sum_teacher_and_rerank_match_a_loop(root, tmp_path):
     got = TeacherScorer(cfg).scores(qrecs, [t.pool_ids[:10]] * 2)
     for r, g in zip(rows, got):
         assert np.allclose([g[x] for x in t.pool_ids[:10]], want[r, :10], atol=3e-3)
+    # One checkpoint picked ([-1]): the job writes that checkpoint's store, the one the teacher reads.
+    one = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"checkpoints": [-1]})})
+    (part, _), = checkpoint_configs(one)
+    run_job(one, "pool", progress=False)
+    assert default_store_path(part, "pool").name == "grads-ckpt1.zarr" and not (cfg.run_dir / "grads.zarr").exists()
+    run_job(one, "queries", progress=False)
+    build_teacher(one)
+    assert [s["checkpoint"] for s in Teacher.open(cfg.run_dir / "teacher.zarr").manifest["sources"]] == [1]
