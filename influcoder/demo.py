@@ -129,6 +129,7 @@ def run_demo(cfg: Config, fresh: bool = False, console: Console | None = None) -
               f"'{cfg.data.demo.kind}' replies; decoder {cfg.model.name}, student {cfg.student.base}")
     if cfg.model.target == "finetuned" and not cfg.model.adapter:
         stage("finetune", (adapter_path(cfg) / "adapter_config.json").exists(), lambda: finetune(cfg))
+        stage("behaviour check (generation)", (finetune_dir(cfg) / "learned.json").exists(), lambda: _learned(cfg))
         b, f = (learned := _learned(cfg))["base"], learned["finetuned"]
         con.print(f"learned? loss of held-out {cfg.data.demo.kind} replies {b['behaviour_loss']:.2f} → {f['behaviour_loss']:.2f}, "
                   f"of normal replies {b['normal_loss']:.2f} → {f['normal_loss']:.2f} (base → fine-tuned); greedy replies "
