@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -90,27 +91,51 @@ def _rate(cfg: Config, adapter: str | None, prompts: list[str], detector: Unsafe
     return unsafe_rate(load_decoder(m), prompts, detector, cfg.planted.max_new_tokens, samples=cfg.planted.samples, seed=cfg.seed)
 
 
-def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
+@dataclass
+class _Seed:
+    """One seed's pool, references and fine-tune settings (what every step of `one_seed` shares)."""
+
+    root: Path
+    info: dict
+    pool: list
+    refs: list
+    labels: np.ndarray
+    ft_cfg: Config
+    detector: UnsafeDetector
+    prompts: list[str]
+    gen_key: dict
+    """What a generated unsafe rate depends on (the cache key of `learned.json` and `close_loop.json`)."""
+
+
+def _seed_setup(cfg: Config, seed: int) -> _Seed:
     p = cfg.planted
     root = cfg.run_dir / "planted" / f"seed{seed}"
     info = build_pool(p, root, seed)
     pool, _ = load_records(cfg.data.model_copy(update={"path": info["pool"], "limit": None}))
     refs, _ = load_records(cfg.data.model_copy(update={"path": info["reference"], "limit": None}))
-    labels = np.array([bool(r.meta.get("planted")) for r in pool])
-    pool_texts, ref_texts = [r.as_text() for r in pool], [r.as_text() for r in refs]
-    n_planted = int(labels.sum())
     n_ckpt = max(cfg.finetune.checkpoints, 2 if "checkpoints" in p.teacher_variants else 1)
     ft_cfg = _derived(cfg, root, "finetune", finetune=cfg.finetune.model_copy(update={"seed": seed, "checkpoints": n_ckpt}))
+    prompts = [r.prompt or r.text[:200] for r in refs][: p.n_generate]
+    gen_key = {"prompts": prompts, "kinds": p.kinds, "samples": p.samples, "max_new_tokens": p.max_new_tokens, "seed": cfg.seed,
+               "finetune": ft_cfg.finetune.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json")}
+    return _Seed(root, info, pool, refs, np.array([bool(r.meta.get("planted")) for r in pool]), ft_cfg,
+                 UnsafeDetector(p.kinds, p.jigsaw_path), prompts, gen_key)
+
+
+def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
+    p = cfg.planted
+    sd = _seed_setup(cfg, seed)
+    root, info, pool, refs, labels, ft_cfg = sd.root, sd.info, sd.pool, sd.refs, sd.labels, sd.ft_cfg
+    detector, prompts, gen_key = sd.detector, sd.prompts, sd.gen_key
+    pool_texts, ref_texts = [r.as_text() for r in pool], [r.as_text() for r in refs]
+    n_planted = int(labels.sum())
+    n_ckpt = ft_cfg.finetune.checkpoints
     adapter = str(adapter_path(ft_cfg))
     ft_seconds = 0.0
     done = finetune_dir(ft_cfg) / "finetune.json"
     if not done.is_file() or len(json.loads(done.read_text()).get("checkpoints") or [None]) < n_ckpt:
         _, ft_seconds = _timed(lambda: finetune(ft_cfg, progress=progress))
 
-    detector = UnsafeDetector(p.kinds, p.jigsaw_path)
-    prompts = [r.prompt or r.text[:200] for r in refs][: p.n_generate]
-    gen_key = {"prompts": prompts, "kinds": p.kinds, "samples": p.samples, "max_new_tokens": p.max_new_tokens, "seed": cfg.seed,
-               "finetune": ft_cfg.finetune.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json")}
     learned, _ = _cached(root / "learned.json", gen_key,
                          lambda: {"base": _rate(cfg, None, prompts, detector), "finetuned": _rate(cfg, adapter, prompts, detector)})
 
@@ -187,15 +212,15 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
               "teacher_build_seconds": round(t_teacher, 2), "distill_seconds": round(t_distill, 1), "distill_reused": distilled,
               "student_fidelity": fid["rows"]["student"], "unsafe_rate": learned, "methods": methods}
     if p.close_loop:
-        result["close_loop"] = close_loop(cfg, root, pool, labels, scores["influcoder student"], seed, prompts, detector, progress, gen_key)
+        result["close_loop"] = close_loop(cfg, sd, scores["influcoder student"], seed, progress)
     np.savez(root / "scores.npz", labels=labels, **{m.replace(" ", "_"): s for m, s in scores.items()})
     (root / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def close_loop(cfg: Config, root: Path, pool, labels: np.ndarray, ranking: np.ndarray, seed: int, prompts, detector, progress,
-               gen_key: dict) -> dict:
+def close_loop(cfg: Config, sd: _Seed, ranking: np.ndarray, seed: int, progress: bool) -> dict:
     """Remove the top-k by the student (k = planted count) vs k at random; fine-tune again each."""
+    root, pool, labels = sd.root, sd.pool, sd.labels
     k = int(labels.sum())
     out = {"removed": k}
     picks = {"influcoder": np.argsort(-ranking)[:k], "random": np.random.default_rng(seed + 1).permutation(len(pool))[:k]}
@@ -208,10 +233,10 @@ def close_loop(cfg: Config, root: Path, pool, labels: np.ndarray, ranking: np.nd
 
         def retrain(fc=fc, drop=drop) -> dict:
             finetune(fc, progress=progress)
-            rate = _rate(cfg, str(adapter_path(fc)), prompts, detector)
+            rate = _rate(cfg, str(adapter_path(fc)), sd.prompts, sd.detector)
             return {"planted_removed": int(labels[drop].sum()), **{k: v for k, v in rate.items() if k in ("rate", "sampled_rate")}}
 
-        out[name], _ = _cached(sub / "close_loop.json", {**gen_key, "removed": sorted(pool[i].id for i in drop)}, retrain)
+        out[name], _ = _cached(sub / "close_loop.json", {**sd.gen_key, "removed": sorted(pool[i].id for i in drop)}, retrain)
     return out
 
 
@@ -267,11 +292,20 @@ def _plots(results: list[dict], agg: dict, out: Path) -> list[str]:
 
 def planted_eval(cfg: Config, out_json: Path | None = None, progress: bool = False, resume: bool = False) -> dict:
     """Every seed of cfg.planted.seeds; with `resume`, a seed that already has a result.json is read,
-    not run again (its settings may differ from this call's: each result records its own)."""
+    not run again (its settings may differ from this call's: each result records its own), except
+    that a close-the-loop asked for now and missing there is run from the seed's saved ranking."""
     results = []
     for s in cfg.planted.seeds:
         done = cfg.run_dir / "planted" / f"seed{s}" / "result.json"
-        results.append(json.loads(done.read_text()) if resume and done.is_file() else one_seed(cfg, s, progress))
+        if not (resume and done.is_file()):
+            results.append(one_seed(cfg, s, progress))
+            continue
+        r = json.loads(done.read_text())
+        if cfg.planted.close_loop and "close_loop" not in r:  # asked for now, skipped then: from the saved ranking
+            ranking = np.load(done.parent / "scores.npz")["influcoder_student"]
+            r["close_loop"] = close_loop(cfg, _seed_setup(cfg, s), ranking, s, progress)
+            done.write_text(json.dumps(r, indent=2) + "\n")
+        results.append(r)
     agg = _aggregate(results)
     out = cfg.run_dir / "planted"
     report = {"settings": cfg.planted.model_dump(), "model": cfg.model.name, "student": cfg.student.base,

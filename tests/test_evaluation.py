@@ -107,6 +107,15 @@ def test_report_gathers_results_into_one_page(root, tmp_path):
     assert agg["teacher (checkpoints, cosine)"]["auprc"]["mean"] == first["aggregate"]["teacher (checkpoints, cosine)"]["auprc"]["mean"]
     assert "Planted-behaviour retrieval" in page and page.count("data:image/png;base64,") == 2
     assert "influcoder student" in page and "BM25" in page
+    # --resume with close_loop asked for now: seed 0 (run without it) gets it from its saved student
+    # ranking, and removing the student's top rows takes out as many planted rows as that ranking says
+    loop = cfg.model_copy(update={"planted": cfg.planted.model_copy(update={"seeds": [0], "close_loop": True})})
+    seed0 = planted_eval(loop, resume=True)["seeds"][0]
+    z = np.load(cfg.run_dir / "planted" / "seed0" / "scores.npz")
+    k = int(z["labels"].sum())
+    assert seed0["close_loop"]["influcoder"]["planted_removed"] == int(z["labels"][np.argsort(-z["influcoder_student"])[:k]].sum())
+    assert seed0["methods"] == first["seeds"][0]["methods"] and "close_loop" not in first["seeds"][0]
+    assert json.loads((cfg.run_dir / "planted" / "seed0" / "result.json").read_text())["close_loop"] == seed0["close_loop"]
     with pytest.raises(FileNotFoundError, match="nothing|no fidelity"):
         write_report(tmp_path / "empty")
 
