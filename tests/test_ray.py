@@ -39,7 +39,7 @@ def short_tmp(prefix: str) -> str:
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
 
 
-def wait_done(store: Path, at_least: int, timeout: float = 120) -> int:
+def wait_done(store: Path, at_least: int, timeout: float = 300) -> int:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
