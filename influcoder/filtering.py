@@ -60,15 +60,7 @@ import numpy as np
 from . import __version__
 from .config import DataConfig, FilterConfig
 from .data import LoadReport, Record, iter_records
-from .filter_io import (
-    SCORE_FIELD,
-    TOP_FIELD,
-    ChunkStore,
-    chunked,
-    file_sha256,
-    ids_sha,
-    iter_rows,
-)
+from .filter_io import SCORE_FIELD, TOP_FIELD, ChunkStore, chunked, file_sha256, ids_sha, iter_rows
 from .filter_thresholds import MODES, FilterError, calibrate, check_decision, decide  # noqa: F401 - part of this module's API
 from .lexical import TOKENS, Bm25
 from .metrics import rrf
@@ -140,14 +132,7 @@ class Student:
 
 def student_from_index(index: str | Path, device: str = "auto") -> Student:
     """The student of a built index (`index/<name>/`), its data fields and its run's `filter` section."""
-    from .index import (
-        dir_sha256,
-        encoder_dir,
-        load_student,
-        read_manifest,
-        resolve_index,
-        run_config,
-    )
+    from .index import dir_sha256, encoder_dir, load_student, read_manifest, resolve_index, run_config
 
     d = resolve_index(index)
     for _ in range(20):  # the folder may be swapped by a concurrent rebuild while we read it
