@@ -117,7 +117,7 @@ def _seed_setup(cfg: Config, seed: int) -> _Seed:
     ft_cfg = _derived(cfg, root, "finetune", finetune=cfg.finetune.model_copy(update={"seed": seed, "checkpoints": n_ckpt}))
     prompts = [r.prompt or r.text[:200] for r in refs][: p.n_generate]
     gen_key = {"prompts": prompts, "kinds": p.kinds, "samples": p.samples, "max_new_tokens": p.max_new_tokens, "seed": cfg.seed,
-               "finetune": ft_cfg.finetune.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json")}
+               "finetune": ft_cfg.finetune.model_dump(mode="json", exclude={"torch_threads"}), "model": cfg.model.model_dump(mode="json")}
     return _Seed(root, info, pool, refs, np.array([bool(r.meta.get("planted")) for r in pool]), ft_cfg,
                  UnsafeDetector(p.kinds, p.jigsaw_path), prompts, gen_key)
 
@@ -188,7 +188,7 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
                          + (" and checkpoints" if ckpt_sources else ""))
     (_, t_teacher) = _timed(lambda: build_teacher(main, sources=sources))
     student_key = {"student_teacher": p.student_teacher, "teacher": main.teacher.model_dump(mode="json"), "student": main.student.model_dump(mode="json"),
-                   "gradients": cfg.gradients.model_dump(mode="json"), "finetune": ft_cfg.finetune.model_dump(mode="json"),
+                   "gradients": cfg.gradients.model_dump(mode="json"), "finetune": ft_cfg.finetune.model_dump(mode="json", exclude={"torch_threads"}),
                    "sources": [str(c.run_dir) for c, _ in sources or []]}
     (fid, distilled), t_distill = _timed(lambda: _cached(main.run_dir / "student.json", student_key, lambda: distill(main, progress=progress)))
     student = load_encoder(str(encoder_path(main)))
