@@ -114,4 +114,10 @@ def planted_markdown(reports: dict[str, dict]) -> str:
         meta.append(f"- {n}: {s0['n_planted']} planted ({', '.join(r['settings']['kinds'])}) in {s0['n_pool']} rows, "
                     f"seeds {[s['seed'] for s in r['seeds']]}; unsafe replies to held-out prompts, greedy (sampled), "
                     f"base → fine-tuned: {rates}")
+        loops = [(x["seed"], x["close_loop"]) for x in r["seeds"] if "close_loop" in x]
+        if loops:
+            meta.append(f"- {n}, close the loop (remove the student's top k = planted count, or k random rows, fine-tune again; "
+                        "planted rows removed, then unsafe replies greedy (sampled)): " + ", ".join(
+                            f"seed {sd}: student {c['influcoder']['planted_removed']}/{c['removed']} → {_rates(c['influcoder'])}, "
+                            f"random {c['random']['planted_removed']}/{c['removed']} → {_rates(c['random'])}" for sd, c in loops))
     return "\n".join(lines + [""] + meta) + "\n"

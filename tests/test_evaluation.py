@@ -74,7 +74,9 @@ def test_eval_planted_end_to_end_on_tiny(root, tmp_path):
     md = planted_markdown({"a": rep, "b": rep})
     row = next(line for line in md.splitlines() if line.startswith("| influcoder student |"))
     v = rep["aggregate"]["influcoder student"]["auprc"]
-    assert row.count(f"{v['mean']:.3f} ± {v['std']:.3f}") == 2 and len(md.splitlines()) == len(want) + 2 + 1 + 2
+    assert row.count(f"{v['mean']:.3f} ± {v['std']:.3f}") == 2 and len(md.splitlines()) == len(want) + 2 + 1 + 2 * 2
+    c = rep["seeds"][0]["close_loop"]
+    assert f"seed 0: student {c['influcoder']['planted_removed']}/{c['removed']} → " in md
     for png in rep["plots"]:
         assert (tmp_path / png).exists() or __import__("os").path.exists(png)
     # A rerun that adds nothing reuses generation, distillation and the close-the-loop fine-tunes
