@@ -58,10 +58,11 @@ class Bm25:
         """(rows,) the scaled mean BM25 over chunks 0..n_chunks-1, read with `load(k, key)`."""
         V = len(self.vocab)
 
-        def tf(k: int) -> tuple[sp.csr_matrix, np.ndarray]:
+        def tf(k: int) -> tuple[sp.csr_matrix, np.ndarray]:  # (rows, V) counts, (rows,) lengths
+            length = load(k, "lex_length").astype(np.float64)
             c = sp.csr_matrix((load(k, "lex_counts").astype(np.float64), load(k, "lex_indices"), load(k, "lex_indptr")),
-                              shape=(len(load(k, "lex_length")), V))
-            return c, load(k, "lex_length").astype(np.float64)
+                              shape=(len(length), V))
+            return c, length
 
         df, total, n = np.zeros(V), 0.0, 0
         for k in range(n_chunks):
