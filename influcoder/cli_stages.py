@@ -70,7 +70,7 @@ def eval_fidelity_cmd(config: ConfigArg, set_: SetOpt = [],
 def eval_planted_cmd(config: ConfigArg, set_: SetOpt = [],
                      json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report to this JSON file.")] = None,
                      progress: ProgressOpt = False,
-                     resume: Annotated[bool, typer.Option("--resume", help="Read the result of a seed that already has one instead of running it again; a close-the-loop asked for now (planted.close_loop) and missing there is run from the seed's saved student ranking.")] = False) -> None:
+                     resume: Annotated[bool, typer.Option("--resume", help="Read the result of a seed that already has one instead of running it again; a close-the-loop asked for now (planted.close_loop), and missing there or made with other planted.close_loop_* settings, is run from the seed's saved rankings.")] = False) -> None:
     """Planted-behaviour retrieval (the DATE-LM toxicity protocol), every method in one run.
 
     Plants unsafe examples in a benign pool, fine-tunes, ranks the pool by influence on held-out

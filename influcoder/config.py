@@ -303,6 +303,12 @@ class PlantedConfig(Section):
     """Replies sampled per held-out prompt at temperature 1, next to the greedy one (the sampled unsafe rate); 0: greedy only."""
     close_loop: bool = True
     """Remove the top-ranked examples, fine-tune again, and compare the unsafe rate with removing as many at random."""
+    close_loop_ranking: str = "influcoder student"
+    """Close the loop: whose ranking is removed, a method of this run's table (e.g. `student + BM25 (RRF)`, `teacher (second_moment, cosine)`)."""
+    close_loop_budget: float = 1.0
+    """Close the loop: rows removed, as a multiple of the planted count (1: as many as were planted; a filter at a budget above the planted share removes more)."""
+    close_loop_repeats: int = 1
+    """Close the loop: fine-tunes per arm (seeds seed, seed + 1000, …); the unsafe rate is their mean, so one arm's training noise does not decide the comparison."""
 
 
 class FilterConfig(Section):

@@ -211,32 +211,54 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
               "pool": info, "n_pool": len(pool), "n_planted": n_planted, "finetune_seconds": round(ft_seconds, 1),
               "teacher_build_seconds": round(t_teacher, 2), "distill_seconds": round(t_distill, 1), "distill_reused": distilled,
               "student_fidelity": fid["rows"]["student"], "unsafe_rate": learned, "methods": methods}
-    if p.close_loop:
-        result["close_loop"] = close_loop(cfg, sd, scores["influcoder student"], seed, progress)
     np.savez(root / "scores.npz", labels=labels, **{m.replace(" ", "_"): s for m, s in scores.items()})
+    if p.close_loop:
+        result["close_loop"] = close_loop(cfg, sd, scores, seed, progress)
     (root / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def close_loop(cfg: Config, sd: _Seed, ranking: np.ndarray, seed: int, progress: bool) -> dict:
-    """Remove the top-k by the student (k = planted count) vs k at random; fine-tune again each."""
+_LOOP_DEFAULTS = {"ranking": "influcoder student", "budget": 1.0, "repeats": 1}  # what a result from before these settings used
+
+
+def _loop_settings(p) -> dict:
+    return {"ranking": p.close_loop_ranking, "budget": p.close_loop_budget, "repeats": p.close_loop_repeats}
+
+
+def close_loop(cfg: Config, sd: _Seed, scores: dict[str, np.ndarray], seed: int, progress: bool) -> dict:
+    """Remove the top k by planted.close_loop_ranking (k = budget × planted count) vs k rows at
+    random; fine-tune again, `close_loop_repeats` times per arm, and measure the unsafe rate."""
+    p = cfg.planted
+    if p.close_loop_ranking not in scores:
+        raise ValueError(f"planted.close_loop_ranking={p.close_loop_ranking!r} is not a method of this run; it has {sorted(scores)}")
+    if p.close_loop_budget <= 0 or p.close_loop_repeats < 1:
+        raise ValueError(f"planted.close_loop_budget must be > 0 and planted.close_loop_repeats ≥ 1, got {p.close_loop_budget}, {p.close_loop_repeats}")
     root, pool, labels = sd.root, sd.pool, sd.labels
-    k = int(labels.sum())
-    out = {"removed": k}
-    picks = {"influcoder": np.argsort(-ranking)[:k], "random": np.random.default_rng(seed + 1).permutation(len(pool))[:k]}
+    k = min(len(pool) - 1, max(1, int(round(p.close_loop_budget * labels.sum()))))
+    out = {"removed": k, **_loop_settings(p)}
+    picks = {"influcoder": np.argsort(-scores[p.close_loop_ranking])[:k], "random": np.random.default_rng(seed + 1).permutation(len(pool))[:k]}
     for name, drop in picks.items():
         keep = np.setdiff1d(np.arange(len(pool)), drop)
-        sub = root / f"filtered-{name}"
-        write_jsonl([pool[i].to_row() for i in keep], sub / "pool.jsonl")
-        write_jsonl([], sub / "reference.jsonl")
-        fc = _derived(cfg, sub, "finetune", finetune=cfg.finetune.model_copy(update={"seed": seed}))
+        runs = []
+        for r in range(p.close_loop_repeats):  # repeat 0 keeps the seed's own folder and seed (earlier runs' caches stay valid)
+            sub = root / (f"filtered-{name}" + (f"-r{r}" if r else ""))
+            write_jsonl([pool[i].to_row() for i in keep], sub / "pool.jsonl")
+            write_jsonl([], sub / "reference.jsonl")
+            fc = _derived(cfg, sub, "finetune", finetune=cfg.finetune.model_copy(update={"seed": seed + 1000 * r}))
 
-        def retrain(fc=fc, drop=drop) -> dict:
-            finetune(fc, progress=progress)
-            rate = _rate(cfg, str(adapter_path(fc)), sd.prompts, sd.detector)
-            return {"planted_removed": int(labels[drop].sum()), **{k: v for k, v in rate.items() if k in ("rate", "sampled_rate")}}
+            def retrain(fc=fc, drop=drop) -> dict:
+                finetune(fc, progress=progress)
+                rate = _rate(cfg, str(adapter_path(fc)), sd.prompts, sd.detector)
+                return {"planted_removed": int(labels[drop].sum()), **{k: v for k, v in rate.items() if k in ("rate", "sampled_rate")}}
 
-        out[name], _ = _cached(sub / "close_loop.json", {**sd.gen_key, "removed": sorted(pool[i].id for i in drop)}, retrain)
+            key = {**sd.gen_key, "removed": sorted(pool[i].id for i in drop), "finetune_seed": seed + 1000 * r}
+            if r == 0:
+                key.pop("finetune_seed")
+            runs.append(_cached(sub / "close_loop.json", key, retrain)[0])
+        out[name] = {"planted_removed": runs[0]["planted_removed"],
+                     **{m: float(np.mean([x[m] for x in runs])) for m in ("rate", "sampled_rate") if m in runs[0]}}
+        if len(runs) > 1:
+            out[name]["runs"] = runs
     return out
 
 
@@ -293,7 +315,8 @@ def _plots(results: list[dict], agg: dict, out: Path) -> list[str]:
 def planted_eval(cfg: Config, out_json: Path | None = None, progress: bool = False, resume: bool = False) -> dict:
     """Every seed of cfg.planted.seeds; with `resume`, a seed that already has a result.json is read,
     not run again (its settings may differ from this call's: each result records its own), except
-    that a close-the-loop asked for now and missing there is run from the seed's saved ranking."""
+    that a close-the-loop asked for now, and missing there or made with other close_loop_* settings,
+    is run from the seed's saved rankings."""
     results = []
     for s in cfg.planted.seeds:
         done = cfg.run_dir / "planted" / f"seed{s}" / "result.json"
@@ -301,9 +324,13 @@ def planted_eval(cfg: Config, out_json: Path | None = None, progress: bool = Fal
             results.append(one_seed(cfg, s, progress))
             continue
         r = json.loads(done.read_text())
-        if cfg.planted.close_loop and "close_loop" not in r:  # asked for now, skipped then: from the saved ranking
-            ranking = np.load(done.parent / "scores.npz")["influcoder_student"]
-            r["close_loop"] = close_loop(cfg, _seed_setup(cfg, s), ranking, s, progress)
+        loop = r.get("close_loop")
+        want = _loop_settings(cfg.planted)
+        if cfg.planted.close_loop and (loop is None or {k: loop.get(k, d) for k, d in _LOOP_DEFAULTS.items()} != want):
+            # asked for now and missing, or asked for with other settings: from the saved rankings
+            with np.load(done.parent / "scores.npz") as z:
+                saved = {m: z[m.replace(" ", "_")] for m in r["methods"] if m.replace(" ", "_") in z}
+            r["close_loop"] = close_loop(cfg, _seed_setup(cfg, s), saved, s, progress)
             done.write_text(json.dumps(r, indent=2) + "\n")
         results.append(r)
     agg = _aggregate(results)

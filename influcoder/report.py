@@ -52,8 +52,8 @@ def _planted(path: Path) -> str:
     loops = [s["close_loop"] for s in p["seeds"] if "close_loop" in s]
     if loops:
         out += "<h3>Closing the loop</h3>" + _table(
-            ["seed", "removed", "planted removed (influcoder)", "unsafe rate after (influcoder)", "planted removed (random)", "unsafe rate after (random)"],
-            [[s["seed"], c["removed"], c["influcoder"]["planted_removed"], _rates(c["influcoder"]), c["random"]["planted_removed"], _rates(c["random"])]
+            ["seed", "ranking", "removed", "fine-tunes per arm", "planted removed (ranked)", "unsafe rate after (ranked)", "planted removed (random)", "unsafe rate after (random)"],
+            [[s["seed"], c.get("ranking", "influcoder student"), c["removed"], c.get("repeats", 1), c["influcoder"]["planted_removed"], _rates(c["influcoder"]), c["random"]["planted_removed"], _rates(c["random"])]
              for s, c in zip(p["seeds"], loops)])
     return out + "".join(_img(Path(x)) for x in p.get("plots", []) if Path(x).exists())
 
@@ -116,8 +116,11 @@ def planted_markdown(reports: dict[str, dict]) -> str:
                     f"base → fine-tuned: {rates}")
         loops = [(x["seed"], x["close_loop"]) for x in r["seeds"] if "close_loop" in x]
         if loops:
-            meta.append(f"- {n}, close the loop (remove the student's top k = planted count, or k random rows, fine-tune again; "
-                        "planted rows removed, then unsafe replies greedy (sampled)): " + ", ".join(
-                            f"seed {sd}: student {c['influcoder']['planted_removed']}/{c['removed']} → {_rates(c['influcoder'])}, "
+            c0 = loops[0][1]
+            meta.append(f"- {n}, close the loop (remove the top k by {c0.get('ranking', 'influcoder student')} "
+                        f"(k = {c0.get('budget', 1.0):g} × planted), or k random rows, fine-tune again"
+                        + (f", {c0['repeats']} fine-tunes per arm, mean" if c0.get("repeats", 1) > 1 else "")
+                        + "; planted rows removed, then unsafe replies greedy (sampled)): " + ", ".join(
+                            f"seed {sd}: ranked {c['influcoder']['planted_removed']}/{c['removed']} → {_rates(c['influcoder'])}, "
                             f"random {c['random']['planted_removed']}/{c['removed']} → {_rates(c['random'])}" for sd, c in loops))
     return "\n".join(lines + [""] + meta) + "\n"

@@ -76,7 +76,7 @@ def test_eval_planted_end_to_end_on_tiny(root, tmp_path):
     v = rep["aggregate"]["influcoder student"]["auprc"]
     assert row.count(f"{v['mean']:.3f} ± {v['std']:.3f}") == 2 and len(md.splitlines()) == len(want) + 2 + 1 + 2 * 2
     c = rep["seeds"][0]["close_loop"]
-    assert f"seed 0: student {c['influcoder']['planted_removed']}/{c['removed']} → " in md
+    assert f"seed 0: ranked {c['influcoder']['planted_removed']}/{c['removed']} → " in md and "top k by influcoder student" in md
     for png in rep["plots"]:
         assert (tmp_path / png).exists() or __import__("os").path.exists(png)
     # A rerun that adds nothing reuses generation, distillation and the close-the-loop fine-tunes
@@ -118,6 +118,19 @@ def test_report_gathers_results_into_one_page(root, tmp_path):
     assert seed0["close_loop"]["influcoder"]["planted_removed"] == int(z["labels"][np.argsort(-z["influcoder_student"])[:k]].sum())
     assert seed0["methods"] == first["seeds"][0]["methods"] and "close_loop" not in first["seeds"][0]
     assert json.loads((cfg.run_dir / "planted" / "seed0" / "result.json").read_text())["close_loop"] == seed0["close_loop"]
+    # other close-the-loop settings: another method's ranking, twice the planted count, two fine-tunes per arm
+    wide = loop.model_copy(update={"planted": loop.planted.model_copy(update={"close_loop_ranking": "TF-IDF", "close_loop_budget": 2.0,
+                                                                            "close_loop_repeats": 2})})
+    c = planted_eval(wide, resume=True)["seeds"][0]["close_loop"]
+    assert c["removed"] == 2 * k and c["ranking"] == "TF-IDF" and c["repeats"] == 2
+    assert c["influcoder"]["planted_removed"] == int(z["labels"][np.argsort(-z["TF-IDF"])[:2 * k]].sum())
+    for arm in ("influcoder", "random"):
+        runs = c[arm]["runs"]
+        assert len(runs) == 2 and c[arm]["rate"] == pytest.approx(np.mean([x["rate"] for x in runs]))
+    assert (cfg.run_dir / "planted" / "seed0" / "filtered-random-r1" / "close_loop.json").is_file()
+    bad = loop.model_copy(update={"planted": loop.planted.model_copy(update={"close_loop_ranking": "oracle"})})
+    with pytest.raises(ValueError, match="close_loop_ranking='oracle'"):
+        planted_eval(bad, resume=True)
     with pytest.raises(FileNotFoundError, match="nothing|no fidelity"):
         write_report(tmp_path / "empty")
 
