@@ -61,12 +61,23 @@ def _timed(fn):
 
 
 def _grad_matrices(run_cfg: Config) -> tuple[np.ndarray, np.ndarray, float]:
-    """Raw sketched gradients of the pool (n, d) and the references (r, d), and the seconds it took."""
+    """Raw sketched gradients of the pool (n, d) and the references (r, d), and the seconds the
+    pass took. A rerun reuses finished stores; it then reports the seconds recorded in
+    `grad_seconds.json` when they were computed (NaN if that was before the file existed), not ~0."""
+    stores = [default_store_path(run_cfg, split) for split in ("pool", "queries")]
+    reused = all(p.exists() and GradStore.open(p).complete for p in stores)
     (_, t1) = _timed(lambda: run_job(run_cfg, "pool", progress=False))
     (_, t2) = _timed(lambda: run_job(run_cfg, "queries", progress=False))
-    P = raw_rows(GradStore.open(default_store_path(run_cfg, "pool")))
-    R = raw_rows(GradStore.open(default_store_path(run_cfg, "queries")))
-    return P, R, t1 + t2
+    log = run_cfg.run_dir / "grad_seconds.json"
+    seconds = json.loads(log.read_text())["seconds"] if log.is_file() else float("nan")
+    if not reused:  # computed now (a resumed pass adds to the part recorded before)
+        seconds = (0.0 if np.isnan(seconds) else seconds) + t1 + t2
+        tmp = log.with_name(f".{log.name}.tmp")
+        tmp.write_text(json.dumps({"seconds": seconds}) + "\n")
+        tmp.replace(log)
+    P = raw_rows(GradStore.open(stores[0]))
+    R = raw_rows(GradStore.open(stores[1]))
+    return P, R, seconds
 
 
 def _teacher_scores(P: np.ndarray, R: np.ndarray, kinds: list[str], damping: float) -> dict[str, tuple[np.ndarray, float]]:
@@ -272,7 +283,8 @@ def _aggregate(results: list[dict]) -> dict:
         agg[m] = {"n_seeds": len(have)}
         for key in ("auprc", "recall@planted", "precision@10", "seconds"):
             v = np.array([r["methods"][m][key] for r in have], float)
-            agg[m][key] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+            v = v[~np.isnan(v)] if key == "seconds" else v  # a reused store whose time was not recorded
+            agg[m][key] = {"mean": float(v.mean()) if len(v) else float("nan"), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
     return agg
 
 

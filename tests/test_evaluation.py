@@ -85,6 +85,9 @@ def test_eval_planted_end_to_end_on_tiny(root, tmp_path):
     (a,), b = again["seeds"], rep["seeds"][0]
     assert a["distill_reused"] and not b["distill_reused"] and a["close_loop"] == b["close_loop"]
     assert a["unsafe_rate"] == b["unsafe_rate"] and a["methods"]["influcoder student"]["auprc"] == b["methods"]["influcoder student"]["auprc"]
+    # the reused gradient stores report the seconds they took when computed, not the ~0 of reading them
+    t_a, t_b = (x["methods"]["teacher (checkpoints, cosine)"]["seconds"] for x in (a, b))
+    assert t_b > 0.2 and t_a == pytest.approx(t_b, rel=0.1, abs=0.05)
     other = cfg.model_copy(update={"planted": cfg.planted.model_copy(update={"seeds": [0], "close_loop": False}),
                                    "student": cfg.student.model_copy(update={"steps_per_epoch": 5})}, deep=True)
     assert not planted_eval(other)["seeds"][0]["distill_reused"]
