@@ -103,7 +103,7 @@ class GradientsConfig(Section):
     seed: int = 0
     """Sketch seed; the sketch is a pure function of (module name, seed, version)."""
     preconditioner: Literal["none", "second_moment", "adam"] = "none"
-    """`none` (plain cosine), `second_moment` (divide by the root of the pool's gradient second moment, before the sketch) or `adam` (LESS)."""
+    """`none` (plain cosine), `second_moment` (divide by the root of the pool's gradient second moment, before the sketch) or `adam` (LESS). Measured on the planted benchmark (README Results; 3 seeds, final adapter, cosine, AUPRC homogeneous / heterogeneous): none 0.525 / 0.503, second_moment 0.571 / 0.364; adam (seed 0) 0.566 / —."""
     damping: float = 1e-3
     """`second_moment`: damping added to each coordinate's second moment, as a fraction of the module's mean."""
     precondition_sample: int = 256
