@@ -62,22 +62,35 @@ def _timed(fn):
 
 def _grad_matrices(run_cfg: Config) -> tuple[np.ndarray, np.ndarray, float]:
     """Raw sketched gradients of the pool (n, d) and the references (r, d), and the seconds the
-    pass took. A rerun reuses finished stores; it then reports the seconds recorded in
-    `grad_seconds.json` when they were computed (NaN if that was before the file existed), not ~0."""
+    pass took (None: unknown). A rerun reuses finished stores; it then reports the seconds recorded
+    in `grad_seconds.json` when they were computed (None if that was before the file existed), not ~0.
+    A pass resumed after a crash records only the part computed in the resuming call."""
     stores = [default_store_path(run_cfg, split) for split in ("pool", "queries")]
-    reused = all(p.exists() and GradStore.open(p).complete for p in stores)
+    reused = all(_complete(p) for p in stores)
     (_, t1) = _timed(lambda: run_job(run_cfg, "pool", progress=False))
     (_, t2) = _timed(lambda: run_job(run_cfg, "queries", progress=False))
     log = run_cfg.run_dir / "grad_seconds.json"
-    seconds = json.loads(log.read_text())["seconds"] if log.is_file() else float("nan")
-    if not reused:  # computed now (a resumed pass adds to the part recorded before)
-        seconds = (0.0 if np.isnan(seconds) else seconds) + t1 + t2
+    seconds = json.loads(log.read_text()).get("seconds") if reused and log.is_file() else None
+    if not reused:
+        seconds = t1 + t2
         tmp = log.with_name(f".{log.name}.tmp")
         tmp.write_text(json.dumps({"seconds": seconds}) + "\n")
         tmp.replace(log)
     P = raw_rows(GradStore.open(stores[0]))
     R = raw_rows(GradStore.open(stores[1]))
     return P, R, seconds
+
+
+def _add(a: float | None, b: float | None) -> float | None:
+    """Sum of seconds where one unknown part makes the whole unknown."""
+    return None if a is None or b is None else a + b
+
+
+def _complete(path: Path) -> bool:
+    try:
+        return path.exists() and GradStore.open(path).complete
+    except Exception:  # a half-created store: run_job recreates it
+        return False
 
 
 def _teacher_scores(P: np.ndarray, R: np.ndarray, kinds: list[str], damping: float) -> dict[str, tuple[np.ndarray, float]]:
@@ -133,8 +146,19 @@ def _seed_setup(cfg: Config, seed: int) -> _Seed:
                  UnsafeDetector(p.kinds, p.jigsaw_path), prompts, gen_key)
 
 
+_OTHER_METHODS = ("influcoder student", "untrained student", "TF-IDF", "BM25", "random", "student + BM25 (RRF)", "student + TF-IDF (RRF)")
+
+
+def _method_names(p) -> list[str]:
+    """Every ranking one_seed computes for these planted settings."""
+    teachers = [f"teacher ({'plain' if v == 'none' else v}, {k})" for v in p.teacher_variants for k in p.teacher_scores]
+    return teachers + list(_OTHER_METHODS)
+
+
 def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
     p = cfg.planted
+    if p.close_loop and p.close_loop_ranking not in _method_names(p):  # before the seed's work, not after it
+        raise ValueError(f"planted.close_loop_ranking={p.close_loop_ranking!r} is not a method of this run; it has {_method_names(p)}")
     sd = _seed_setup(cfg, seed)
     root, info, pool, refs, labels, ft_cfg = sd.root, sd.info, sd.pool, sd.refs, sd.labels, sd.ft_cfg
     detector, prompts, gen_key = sd.detector, sd.prompts, sd.gen_key
@@ -170,14 +194,14 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
             last = i == len(ckpts) - 1
             if variant == "checkpoints" and last and "none" in computed:  # the last checkpoint is the final adapter
                 per_ckpt.append(computed["none"][0])
-                t_grads += computed["none"][1]
+                t_grads = _add(t_grads, computed["none"][1])
                 ckpt_sources.append((teachers["none"], c["lr"]))
                 continue
             name = f"teacher-{variant}" + (f"-{i}" if variant == "checkpoints" else "")
             run_cfg = _derived(cfg, root, name, gradients=g, model=cfg.model.model_copy(update={"adapter": c["path"], "target": "finetuned"}))
             P, R, t = _grad_matrices(run_cfg)
             per_ckpt.append(_teacher_scores(P, R, p.teacher_scores, cfg.teacher.score_damping))
-            t_grads += t
+            t_grads = _add(t_grads, t)
             computed[variant] = (per_ckpt[-1], t)
             if variant == "checkpoints":
                 teachers[f"checkpoint-{i}"] = run_cfg
@@ -187,7 +211,7 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
         for kind in p.teacher_scores:
             label = f"teacher ({'plain' if variant == 'none' else variant}, {kind})"
             scores[label] = checkpoint_sum([pc[kind][0] for pc in per_ckpt], [c["lr"] for c in ckpts])
-            seconds[label] = t_grads + sum(pc[kind][1] for pc in per_ckpt)
+            seconds[label] = None if t_grads is None else t_grads + sum(pc[kind][1] for pc in per_ckpt)
     # The student copies one teacher: planted.student_teacher's gradients with teacher.score.
     sources = None
     if p.student_teacher == "checkpoints" and ckpt_sources:
@@ -215,7 +239,7 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
         seconds[f"student + {lexical} (RRF)"] = seconds["influcoder student"] + seconds[lexical]
 
     methods = {m: {"auprc": auprc(labels, s), "recall@planted": recall_of_planted_at_k(labels, s, n_planted),
-                   "precision@10": precision_at_k(labels, s, 10), "seconds": round(seconds[m], 3)} for m, s in scores.items()}
+                   "precision@10": precision_at_k(labels, s, 10), "seconds": None if seconds[m] is None else round(seconds[m], 3)} for m, s in scores.items()}
     result = {"seed": seed, "settings": {"teacher_variants": list(p.teacher_variants), "teacher_scores": list(p.teacher_scores),
                                           "student_teacher": p.student_teacher, "samples": p.samples,
                                           "student_steps": cfg.student.epochs * cfg.student.steps_per_epoch},
@@ -225,7 +249,7 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
     np.savez(root / "scores.npz", labels=labels, **{m.replace(" ", "_"): s for m, s in scores.items()})
     if p.close_loop:
         result["close_loop"] = close_loop(cfg, sd, scores, seed, progress)
-    (root / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    (root / "result.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     return result
 
 
@@ -282,9 +306,11 @@ def _aggregate(results: list[dict]) -> dict:
         have = [r for r in results if m in r["methods"]]
         agg[m] = {"n_seeds": len(have)}
         for key in ("auprc", "recall@planted", "precision@10", "seconds"):
-            v = np.array([r["methods"][m][key] for r in have], float)
-            v = v[~np.isnan(v)] if key == "seconds" else v  # a reused store whose time was not recorded
-            agg[m][key] = {"mean": float(v.mean()) if len(v) else float("nan"), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+            v = np.array([r["methods"][m][key] for r in have if r["methods"][m][key] is not None], float)  # None: time not recorded
+            v = v[~np.isnan(v)]  # results written before None stood for an unknown time held NaN
+            agg[m][key] = {"mean": float(v.mean()) if len(v) else None, "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+            if key == "seconds" and len(v) < len(have):
+                agg[m]["n_seconds"] = len(v)
     return agg
 
 
@@ -311,7 +337,7 @@ def _plots(results: list[dict], agg: dict, out: Path) -> list[str]:
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for m, v in agg.items():
-        if m == "random":
+        if m == "random" or v["seconds"]["mean"] is None:
             continue
         ax.errorbar(max(v["seconds"]["mean"], 1e-3), v["auprc"]["mean"], yerr=v["auprc"]["std"], fmt="o")
         ax.annotate(m, (max(v["seconds"]["mean"], 1e-3), v["auprc"]["mean"]), fontsize=7)
@@ -336,6 +362,9 @@ def planted_eval(cfg: Config, out_json: Path | None = None, progress: bool = Fal
             results.append(one_seed(cfg, s, progress))
             continue
         r = json.loads(done.read_text())
+        for m in r["methods"].values():  # NaN seconds (an unknown time, before None stood for it) are not JSON
+            if isinstance(m.get("seconds"), float) and np.isnan(m["seconds"]):
+                m["seconds"] = None
         loop = r.get("close_loop")
         want = _loop_settings(cfg.planted)
         if cfg.planted.close_loop and (loop is None or {k: loop.get(k, d) for k, d in _LOOP_DEFAULTS.items()} != want):
@@ -343,14 +372,14 @@ def planted_eval(cfg: Config, out_json: Path | None = None, progress: bool = Fal
             with np.load(done.parent / "scores.npz") as z:
                 saved = {m: z[m.replace(" ", "_")] for m in r["methods"] if m.replace(" ", "_") in z}
             r["close_loop"] = close_loop(cfg, _seed_setup(cfg, s), saved, s, progress)
-            done.write_text(json.dumps(r, indent=2) + "\n")
+            done.write_text(json.dumps(r, indent=2, allow_nan=False) + "\n")
         results.append(r)
     agg = _aggregate(results)
     out = cfg.run_dir / "planted"
     report = {"settings": cfg.planted.model_dump(), "model": cfg.model.name, "student": cfg.student.base,
               "gradients": cfg.gradients.model_dump(), "aggregate": agg, "seeds": results}
     report["plots"] = _plots(results, agg, out)
-    text = json.dumps(report, indent=2) + "\n"
+    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
     (out / "planted.json").write_text(text)
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ def _planted(path: Path) -> str:
     def ms(v):
         return f"{v['mean']:.3f} ± {v['std']:.3f}" if n > 1 else f"{v['mean']:.3f}"
 
-    rows = [[m, ms(v["auprc"]), ms(v["recall@planted"]), ms(v["precision@10"]), f"{v['seconds']['mean']:.2f}"] for m, v in agg.items()]
+    rows = [[m, ms(v["auprc"]), ms(v["recall@planted"]), ms(v["precision@10"]), _secs(v, ".2f")] for m, v in agg.items()]
     s0 = p["seeds"][0]
     out = (f"<h2>Planted-behaviour retrieval</h2><p>{s0['n_planted']} planted of {s0['n_pool']} ({', '.join(p['settings']['kinds'])}), "
            f"{n} seed(s); mean ± std over seeds. Unsafe-output rate on held-out prompts, greedy (sampled at T=1), base → fine-tuned: "
@@ -56,6 +56,12 @@ def _planted(path: Path) -> str:
             [[s["seed"], c.get("ranking", "influcoder student"), c["removed"], c.get("repeats", 1), c["influcoder"]["planted_removed"], _rates(c["influcoder"]), c["random"]["planted_removed"], _rates(c["random"])]
              for s, c in zip(p["seeds"], loops)])
     return out + "".join(_img(Path(x)) for x in p.get("plots", []) if Path(x).exists())
+
+
+def _secs(v: dict, fmt: str) -> str:
+    """Mean seconds, with how many seeds it stands on when some seeds' times were not recorded."""
+    t = v["seconds"]["mean"]
+    return "—" if t is None else format(t, fmt) + (f" (n={v['n_seconds']})" if "n_seconds" in v else "")
 
 
 def _rates(r: dict) -> str:
@@ -104,7 +110,7 @@ def planted_markdown(reports: dict[str, dict]) -> str:
             n_all = len(reports[n]["seeds"])
             few = f" (n={v['n_seeds']})" if v and v.get("n_seeds", n_all) < n_all else ""
             cells += ([f"{v['auprc']['mean']:.3f} ± {v['auprc']['std']:.3f}{few}", f"{v['recall@planted']['mean']:.2f}",
-                       f"{v['seconds']['mean']:.1f}"] if v else ["—", "—", "—"])
+                       _secs(v, ".1f")] if v else ["—", "—", "—"])
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     meta = []
     for n in names:

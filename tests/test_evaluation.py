@@ -88,6 +88,13 @@ def test_eval_planted_end_to_end_on_tiny(root, tmp_path):
     # the reused gradient stores report the seconds they took when computed, not the ~0 of reading them
     t_a, t_b = (x["methods"]["teacher (checkpoints, cosine)"]["seconds"] for x in (a, b))
     assert t_b > 0.2 and t_a == pytest.approx(t_b, rel=0.1, abs=0.05)
+    # a reused store whose time was never recorded: unknown (null, strict JSON), left out of the mean
+    (cfg.run_dir / "planted" / "seed0" / "teacher-none" / "grad_seconds.json").unlink()
+    unknown = planted_eval(cfg.model_copy(update={"planted": cfg.planted.model_copy(update={"seeds": [0]})}), out_json=tmp_path / "u.json")
+    assert unknown["seeds"][0]["methods"]["teacher (plain, cosine)"]["seconds"] is None
+    assert unknown["aggregate"]["teacher (plain, cosine)"]["seconds"]["mean"] is None
+    json.loads((tmp_path / "u.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert "| teacher (plain, cosine) |" in planted_markdown({"u": unknown})
     other = cfg.model_copy(update={"planted": cfg.planted.model_copy(update={"seeds": [0], "close_loop": False}),
                                    "student": cfg.student.model_copy(update={"steps_per_epoch": 5})}, deep=True)
     assert not planted_eval(other)["seeds"][0]["distill_reused"]
@@ -134,6 +141,9 @@ def test_report_gathers_results_into_one_page(root, tmp_path):
     bad = loop.model_copy(update={"planted": loop.planted.model_copy(update={"close_loop_ranking": "oracle"})})
     with pytest.raises(ValueError, match="close_loop_ranking='oracle'"):
         planted_eval(bad, resume=True)
+    with pytest.raises(ValueError, match="close_loop_ranking='oracle'"):  # a fresh seed: refused before any work
+        planted_eval(bad.model_copy(update={"planted": bad.planted.model_copy(update={"seeds": [7]})}))
+    assert not (cfg.run_dir / "planted" / "seed7").exists()
     with pytest.raises(FileNotFoundError, match="nothing|no fidelity"):
         write_report(tmp_path / "empty")
 
