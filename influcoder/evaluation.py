@@ -149,16 +149,27 @@ def _seed_setup(cfg: Config, seed: int) -> _Seed:
 _OTHER_METHODS = ("influcoder student", "untrained student", "TF-IDF", "BM25", "random", "student + BM25 (RRF)", "student + TF-IDF (RRF)")
 
 
+def _teacher_label(variant: str, kind: str) -> str:
+    return f"teacher ({'plain' if variant == 'none' else variant}, {kind})"
+
+
 def _method_names(p) -> list[str]:
     """Every ranking one_seed computes for these planted settings."""
-    teachers = [f"teacher ({'plain' if v == 'none' else v}, {k})" for v in p.teacher_variants for k in p.teacher_scores]
-    return teachers + list(_OTHER_METHODS)
+    return [_teacher_label(v, k) for v in p.teacher_variants for k in p.teacher_scores] + list(_OTHER_METHODS)
+
+
+def _check_loop(p, methods) -> None:
+    """Refuse close-the-loop settings that cannot run, naming the field."""
+    if p.close_loop_ranking not in methods:
+        raise ValueError(f"planted.close_loop_ranking={p.close_loop_ranking!r} is not a method of this run; it has {sorted(methods)}")
+    if p.close_loop_budget <= 0 or p.close_loop_repeats < 1:
+        raise ValueError(f"planted.close_loop_budget must be > 0 and planted.close_loop_repeats ≥ 1, got {p.close_loop_budget}, {p.close_loop_repeats}")
 
 
 def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
     p = cfg.planted
-    if p.close_loop and p.close_loop_ranking not in _method_names(p):  # before the seed's work, not after it
-        raise ValueError(f"planted.close_loop_ranking={p.close_loop_ranking!r} is not a method of this run; it has {_method_names(p)}")
+    if p.close_loop:  # before the seed's work, not after it
+        _check_loop(p, _method_names(p))
     sd = _seed_setup(cfg, seed)
     root, info, pool, refs, labels, ft_cfg = sd.root, sd.info, sd.pool, sd.refs, sd.labels, sd.ft_cfg
     detector, prompts, gen_key = sd.detector, sd.prompts, sd.gen_key
@@ -209,7 +220,7 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
             if variant != "checkpoints":
                 teachers[variant] = run_cfg
         for kind in p.teacher_scores:
-            label = f"teacher ({'plain' if variant == 'none' else variant}, {kind})"
+            label = _teacher_label(variant, kind)
             scores[label] = checkpoint_sum([pc[kind][0] for pc in per_ckpt], [c["lr"] for c in ckpts])
             seconds[label] = None if t_grads is None else t_grads + sum(pc[kind][1] for pc in per_ckpt)
     # The student copies one teacher: planted.student_teacher's gradients with teacher.score.
@@ -264,10 +275,7 @@ def close_loop(cfg: Config, sd: _Seed, scores: dict[str, np.ndarray], seed: int,
     """Remove the top k by planted.close_loop_ranking (k = budget × planted count) vs k rows at
     random; fine-tune again, `close_loop_repeats` times per arm, and measure the unsafe rate."""
     p = cfg.planted
-    if p.close_loop_ranking not in scores:
-        raise ValueError(f"planted.close_loop_ranking={p.close_loop_ranking!r} is not a method of this run; it has {sorted(scores)}")
-    if p.close_loop_budget <= 0 or p.close_loop_repeats < 1:
-        raise ValueError(f"planted.close_loop_budget must be > 0 and planted.close_loop_repeats ≥ 1, got {p.close_loop_budget}, {p.close_loop_repeats}")
+    _check_loop(p, scores)  # a resumed seed's saved rankings may lack the method
     root, pool, labels = sd.root, sd.pool, sd.labels
     k = min(len(pool) - 1, max(1, int(round(p.close_loop_budget * labels.sum()))))
     out = {"removed": k, **_loop_settings(p)}
@@ -286,9 +294,7 @@ def close_loop(cfg: Config, sd: _Seed, scores: dict[str, np.ndarray], seed: int,
                 rate = _rate(cfg, str(adapter_path(fc)), sd.prompts, sd.detector)
                 return {"planted_removed": int(labels[drop].sum()), **{k: v for k, v in rate.items() if k in ("rate", "sampled_rate")}}
 
-            key = {**sd.gen_key, "removed": sorted(pool[i].id for i in drop), "finetune_seed": seed + 1000 * r}
-            if r == 0:
-                key.pop("finetune_seed")
+            key = {**sd.gen_key, "removed": sorted(pool[i].id for i in drop), **({"finetune_seed": seed + 1000 * r} if r else {})}
             runs.append(_cached(sub / "close_loop.json", key, retrain)[0])
         out[name] = {"planted_removed": runs[0]["planted_removed"],
                      **{m: float(np.mean([x[m] for x in runs])) for m in ("rate", "sampled_rate") if m in runs[0]}}
@@ -307,7 +313,6 @@ def _aggregate(results: list[dict]) -> dict:
         agg[m] = {"n_seeds": len(have)}
         for key in ("auprc", "recall@planted", "precision@10", "seconds"):
             v = np.array([r["methods"][m][key] for r in have if r["methods"][m][key] is not None], float)  # None: time not recorded
-            v = v[~np.isnan(v)]  # results written before None stood for an unknown time held NaN
             agg[m][key] = {"mean": float(v.mean()) if len(v) else None, "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
             if key == "seconds" and len(v) < len(have):
                 agg[m]["n_seconds"] = len(v)
