@@ -84,11 +84,25 @@ def eval_planted_cmd(config: ConfigArg, set_: SetOpt = [],
 
 
 @eval_app.command("table")
-def eval_table_cmd(reports: Annotated[list[Path], typer.Argument(help="Planted reports (`eval planted --json` files), one column each, named by file stem.")]) -> None:
+def eval_table_cmd(reports: Annotated[list[str], typer.Argument(metavar="REPORT...",
+        help="Planted reports (`eval planted --json` files), one column each, named by file stem; or NAME=A.json,B.json: "
+             "one column named NAME pooling the seeds of several runs of the same variant (mean ± std over all of them).")]) -> None:
     """Print a markdown table of mean ± std AUPRC per method (what the README's Results section shows)."""
-    from .report import planted_markdown
+    from .report import merge_planted, planted_markdown
 
-    print(planted_markdown({p.stem: json.loads(p.read_text()) for p in reports}), end="")
+    columns = {}
+    for arg in reports:
+        name, _, paths = arg.rpartition("=") if "=" in arg else ("", "", arg)
+        files = [Path(x) for x in paths.split(",") if x]
+        for f in files:
+            if not f.is_file():
+                raise typer.BadParameter(f"{f}: no such report", param_hint="REPORTS")
+        reps = [json.loads(f.read_text()) for f in files]
+        try:
+            columns[name or files[0].stem] = reps[0] if len(reps) == 1 else merge_planted(reps, [str(f) for f in files])
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="REPORTS") from e
+    print(planted_markdown(columns), end="")
 
 
 @eval_app.command("report")

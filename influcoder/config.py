@@ -129,12 +129,12 @@ class TeacherConfig(Section):
     """Share of anchors and of the pool held out to measure the student's fidelity."""
     topk: int = 100
     """Top-k pool rows kept per anchor."""
-    score: Literal["cosine", "centred", "fisher"] = "cosine"
-    """Teacher score: plain gradient `cosine`; `centred` (subtract the pool's mean gradient from both sides first); `fisher` (centred, then the query side multiplied by (F + λI)⁻¹, F the pool's gradient covariance: directions every training example shares count less)."""
+    score: Literal["cosine", "centred", "fisher"] = "fisher"
+    """Teacher score: plain gradient `cosine`; `centred` (subtract the pool's mean gradient from both sides first); `fisher` (the query side multiplied by (F + λI)⁻¹, F the empirical Fisher (uncentred second moment) of the pool's unit gradients: directions every training example shares, such as the reply format, count less)."""
     checkpoints: list[int] = [0, -1]
-    """Saved fine-tune checkpoints (indices: 0 = earliest, -1 = the final adapter) the teacher sums over, each weighted by the learning rate of the stretch of training it closes (TracIn/LESS; on the planted benchmark, 3 seeds, it beat TF-IDF by +0.12 and +0.07 AUPRC, and the final adapter alone by +0.07 and −0.01 — all within the seed spread). Each gets its own gradient store (`grads-ckpt<I>.zarr`); `influcoder gradients` computes them all. Used with this run's own fine-tune (model.target=finetuned, no model.adapter); empty: one store at the final adapter (or model.checkpoint)."""
+    """Saved fine-tune checkpoints (indices: 0 = earliest, -1 = the final adapter) the teacher sums over, each weighted by the learning rate of the stretch of training it closes (TracIn/LESS; on the planted benchmark, 6 seeds, `fisher` score: AUPRC 0.692 / 0.542 against the final adapter alone's 0.649 / 0.555, within the seed spread, for twice the gradient passes). Each gets its own gradient store (`grads-ckpt<I>.zarr`); `influcoder gradients` computes them all. Used with this run's own fine-tune (model.target=finetuned, no model.adapter); empty: one store at the final adapter (or model.checkpoint)."""
     score_damping: float = 1.0
-    """λ of the `fisher` score, relative to the mean non-zero eigenvalue of F (measured on the planted benchmark, seed 0: 1.0 beat 0.1 and 0.01 on every gradient pass)."""
+    """λ of the `fisher` score, relative to the mean non-zero eigenvalue of F (planted benchmark, seeds 0–2, final adapter: 0.3, 1 and 3 all within 0.03 AUPRC of each other)."""
     score_sample: int = 4096
     """Pool rows (a seeded sample) the `centred`/`fisher` statistics are fitted on; all rows when the pool is smaller."""
 
@@ -319,7 +319,7 @@ class FilterConfig(Section):
     text: Literal["full", "response"] = "full"
     """What of each prompt/response example (dataset rows, behaviours, reference, canaries) is embedded: `full` (prompt + response, as the index and the student see them) or `response` (the output alone; batch filter only, `/v1/flag` scores the index's full-text vectors). Measured with MiniLM, mean aggregate: demo's planted insults AUPRC 0.42 full, 0.89 response; Dolly + planted HH-RLHF harmful replies 0.60 full, 0.51 response."""
     fusion: Literal["none", "bm25"] = "none"
-    """`bm25`: rank rows by reciprocal-rank fusion (Σ 1/(60 + rank)) of the student score and a BM25 score against the same behaviour examples (`lexical.py`; exact whole-dataset statistics, streamed); `--budget` only, as fused scores have no absolute scale. `none`: the student score alone (the attribution score; what `/v1/flag` uses). Measured on the planted benchmark (SmolLM2 × shared data, 3 seeds, AUPRC): homogeneous student 0.640, BM25 0.420, fused 0.674; heterogeneous 0.334, 0.414, 0.486."""
+    """`bm25`: rank rows by reciprocal-rank fusion (Σ 1/(60 + rank)) of the student score and a BM25 score against the same behaviour examples (`lexical.py`; exact whole-dataset statistics, streamed); `--budget` only, as fused scores have no absolute scale. `none`: the student score alone (the attribution score; what `/v1/flag` uses). Measured on the planted benchmark (SmolLM2 × shared data, 6 seeds, student of the `fisher` teacher, AUPRC): homogeneous student 0.592, BM25 0.424, fused 0.665; heterogeneous 0.341, 0.404, 0.486."""
     chunk_size: int = 4096
     """Dataset rows embedded and scored per chunk; a crashed run resumes from the last finished chunk."""
     budget: float = 0.02

@@ -191,7 +191,7 @@ def run_demo(cfg: Config, fresh: bool = False, console: Console | None = None) -
 
     # Planted retrieval: mean similarity to the behaviour outputs, student vs teacher vs TF-IDF.
     methods = {"student (influcoder filter)": np.array([fscores[r.id] for r in pool])}
-    methods["teacher (gradient cosine)"] = _teacher_means(cfg, {q.id for q in bad})
+    methods[f"teacher (gradient {cfg.teacher.score})"] = _teacher_means(cfg, {q.id for q in bad})
     methods["TF-IDF"] = tfidf_scores([q.as_text() for q in bad], texts, texts)[0].T.mean(1)
     methods["BM25"] = bm25_scores([q.as_text() for q in bad], texts)
     methods["student + BM25 (filter --fusion bm25)"] = rrf(methods["student (influcoder filter)"], methods["BM25"])

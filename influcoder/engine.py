@@ -273,7 +273,7 @@ class Engine:
             hits = [self._rerank(hs, ex) for hs, ex in zip(hits, exact)]
         for hs in hits:
             top1 = max((h.get("student_score", h["score"]) for h in hs), default=None)
-            out.append({"results": hs[:k], "scores": "teacher gradient cosine (re-ranked)" if rerank else "student cosine",
+            out.append({"results": hs[:k], "scores": f"teacher gradient {self.cfg.teacher.score} (re-ranked)" if rerank else "student cosine",
                         **self.ood(top1)})
         return out
 

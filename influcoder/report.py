@@ -94,6 +94,24 @@ def write_report(run: str | Path) -> Path:
     return out
 
 
+def merge_planted(reports: list[dict], names: list[str]) -> dict:
+    """One planted report from several runs of the same variant (e.g. seeds 0–2 and 3–5 run apart):
+    their seeds pooled and the mean ± std taken again. A seed may appear only once."""
+    from .evaluation import _aggregate
+
+    seeds, where = [], {}
+    kinds = reports[0]["settings"]["kinds"]
+    for rep, name in zip(reports, names):
+        if rep["settings"]["kinds"] != kinds:
+            raise ValueError(f"{name}: planted kinds {rep['settings']['kinds']}, {names[0]} has {kinds}; pool runs of one variant")
+        for r in rep["seeds"]:
+            if r["seed"] in where:
+                raise ValueError(f"{name}: seed {r['seed']} is also in {where[r['seed']]}; pool runs of different seeds")
+            where[r["seed"]] = name
+            seeds.append(r)
+    return {**reports[0], "seeds": seeds, "aggregate": _aggregate(seeds), "merged_from": names}
+
+
 def planted_markdown(reports: dict[str, dict]) -> str:
     """One markdown table of mean ± std AUPRC (and mean seconds) per method, a column per report
     (e.g. homogeneous and heterogeneous), rows sorted by the first report's AUPRC."""

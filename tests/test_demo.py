@@ -16,7 +16,7 @@ def test_demo_quick_end_to_end(tmp_path, root):
     assert "which training examples made the model say this?" in r.stdout and "influcoder serve --index" in r.stdout
     assert (tmp_path / "index" / "tiny" / "faiss.index").exists()
     ret = summary["retrieval"]
-    assert summary["n_planted"] == 19 and set(ret) >= {"student (influcoder filter)", "teacher (gradient cosine)", "TF-IDF", "random"}
+    assert summary["n_planted"] == 19 and set(ret) >= {"student (influcoder filter)", "teacher (gradient fisher)", "TF-IDF", "random"}
     for m in ret.values():
         assert 0 <= m["auprc"] <= 1
     c = summary["filter"]["counts"]
@@ -41,7 +41,7 @@ def test_demo_quick_at_the_finetuned_checkpoints(tmp_path, root):
     for f in ("grads-ckpt0.zarr", "grads-ckpt1.zarr", "grads-queries-ckpt0.zarr", "grads-queries-ckpt1.zarr", "finetune/learned.json"):
         assert (run / f).exists(), f
     summary = json.loads((run / "demo-summary.json").read_text())
-    assert "sampled_rate" in summary["learned"]["finetuned"] and 0 <= summary["retrieval"]["teacher (gradient cosine)"]["auprc"] <= 1
+    assert "sampled_rate" in summary["learned"]["finetuned"] and 0 <= summary["retrieval"]["teacher (gradient fisher)"]["auprc"] <= 1
     assert "learned?" in r.stdout
     # --fresh redoes every stage, the index too (it lives outside the run folder and must not be reused)
     before = json.loads((tmp_path / "index" / "tiny" / "manifest.json").read_text())["build_id"]

@@ -85,10 +85,14 @@ def test_ood_signal_is_calibrated_on_the_distillation_anchors(cfg, engine):
     assert np.mean([a["ood"] for a in answers]) < 0.25  # the distillation queries are mostly in-distribution
 
 
-def test_rerank_equals_the_exact_teacher_cosine(cfg, engine):
+def test_rerank_equals_the_exact_teacher_score(cfg, engine):
+    """The re-rank scores equal the teacher's score (the default `fisher` correction, as teacher.zarr
+    saved it) of the stored query gradient against the stored pool gradients."""
     from influcoder.data import load_split
     from influcoder.gradient_job import default_store_path
     from influcoder.store import GradStore
+    from influcoder.teacher import TRANSFORM_FILE, teacher_path
+    from influcoder.teacher_score import ScoreTransform, raw_rows
 
     qrecs = load_split(cfg.data, "queries")[0][:3]
     inputs = [{"prompt": r.prompt, "response": r.response} if r.is_pair else {"text": r.text} for r in qrecs]
@@ -97,15 +101,13 @@ def test_rerank_equals_the_exact_teacher_cosine(cfg, engine):
     pool, qstore = GradStore.open(default_store_path(cfg, "pool")), GradStore.open(default_store_path(cfg, "queries"))
     prow = {x: i for i, x in enumerate(pool.ids())}
     qrow = {x: i for i, x in enumerate(qstore.ids())}
-    G = pool.grads().astype(np.float32)
-    G /= np.linalg.norm(G, axis=1, keepdims=True)
+    tf = ScoreTransform.load(teacher_path(cfg) / TRANSFORM_FILE)
+    assert tf.kind == cfg.teacher.score == "fisher"
     for rec, ans, before in zip(qrecs, answers, plain):
-        assert ans["scores"].startswith("teacher")
+        assert ans["scores"] == "teacher gradient fisher (re-ranked)"
         assert {h["id"] for h in ans["results"]} == {h["id"] for h in before["results"]}  # same K′ candidates
-        q = qstore.grads()[qrow[rec.id]].astype(np.float32)
-        q /= np.linalg.norm(q)
         got = np.array([h["score"] for h in ans["results"]])
-        want = np.array([G[prow[h["id"]]] @ q for h in ans["results"]])  # the stored query gradient vs the pool's
+        want = tf.scores(raw_rows(qstore, [qrow[rec.id]]), raw_rows(pool, [prow[h["id"]] for h in ans["results"]]))[0]
         assert all(h["score_kind"] == "teacher" for h in ans["results"])
         assert np.allclose(got, want, atol=3e-3), np.abs(got - want).max()
         assert np.all(np.diff(got) <= 0) and [h["rank"] for h in ans["results"]] == list(range(1, 21))

@@ -160,3 +160,34 @@ def test_unsafe_rate_samples_replies_reproducibly(root):
     assert a["n"] == 2 and a["n_sampled"] == 6 and 0 <= a["sampled_rate"] <= 1
     assert a == b  # seeded sampling
     assert "sampled_rate" not in unsafe_rate(dec, ["Hi"], det, max_new_tokens=4)
+
+
+def test_eval_table_pools_the_seeds_of_several_runs(tmp_path, monkeypatch):
+    """`eval table NAME=a.json,b.json`: one column whose mean ± std is taken over both runs' seeds."""
+    from typer.testing import CliRunner
+
+    from influcoder.cli import app
+    from influcoder.report import merge_planted
+
+    def run(seeds, auprcs):
+        res = [{"seed": s, "n_planted": 8, "n_pool": 258, "unsafe_rate": {"base": {"rate": 0.0}, "finetuned": {"rate": 0.5}},
+                "methods": {"TF-IDF": {"auprc": a, "recall@planted": 0.5, "precision@10": 0.3, "seconds": 0.1}}}
+               for s, a in zip(seeds, auprcs)]
+        return {"settings": {"kinds": ["hh"]}, "seeds": res, "aggregate": {}}
+
+    a, b = run([0, 1], [0.2, 0.4]), run([3], [0.9])
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    m = merge_planted([a, b], ["a", "b"])["aggregate"]["TF-IDF"]
+    assert m["n_seeds"] == 3 and m["auprc"]["mean"] == pytest.approx(0.5)
+    assert m["auprc"]["std"] == pytest.approx(np.std([0.2, 0.4, 0.9], ddof=1))
+    out = CliRunner().invoke(app, ["eval", "table", f"homo={tmp_path / 'a.json'},{tmp_path / 'b.json'}"])
+    assert out.exit_code == 0, out.output
+    assert "homo: AUPRC" in out.output and f"| TF-IDF | 0.500 ± {m['auprc']['std']:.3f} |" in out.output and "seeds [0, 1, 3]" in out.output
+    with pytest.raises(ValueError, match="seed 0 is also in a"):
+        merge_planted([a, a], ["a", "a2"])
+    with pytest.raises(ValueError, match="planted kinds"):
+        merge_planted([a, {**b, "settings": {"kinds": ["hh", "jigsaw"]}}], ["a", "b"])
+    monkeypatch.chdir(tmp_path)  # short names: the error box wraps long paths
+    bad = CliRunner().invoke(app, ["eval", "table", "x=a.json,nope.json"])
+    assert bad.exit_code != 0 and "nope.json: no such report" in bad.output

@@ -9,7 +9,8 @@ from influcoder.teacher import Teacher, build_teacher
 
 @pytest.fixture(scope="module")
 def tiny_run(root, tmp_path_factory):
-    cfg = load_config(root / "configs" / "tiny.yaml", [f"out_dir={tmp_path_factory.mktemp('teacher')}"])
+    # plain cosine here, compared with brute force below; the corrected scores have their own test
+    cfg = load_config(root / "configs" / "tiny.yaml", [f"out_dir={tmp_path_factory.mktemp('teacher')}", "teacher.score=cosine"])
     run_local(cfg, progress=False)
     run_local(cfg, "queries", progress=False)
     build_teacher(cfg)
@@ -77,14 +78,16 @@ def test_corrected_teacher_equals_brute_force(tiny_run, tmp_path, score):
         return s.grads().astype(np.float64) * s.group["norm"][:][:, None]
 
     vecs = dict(zip(pool.ids(), raw(pool))) | dict(zip(queries.ids(), raw(queries)))
-    mu = raw(pool).mean(0)  # the statistics come from every pool row (anchors included)
-    A = np.stack([vecs[i] for i in t.anchor_ids]) - mu
-    P = np.stack([vecs[i] for i in t.pool_ids]) - mu
-    if score == "fisher":
-        C = raw(pool) - mu
-        F = C.T @ C / len(C)
+    A = np.stack([vecs[i] for i in t.anchor_ids])
+    P = np.stack([vecs[i] for i in t.pool_ids])
+    if score == "centred":
+        mu = raw(pool).mean(0)  # the statistics come from every pool row (anchors included)
+        A, P = A - mu, P - mu
+    else:
+        U = unit(raw(pool)).astype(np.float64)
+        F = U.T @ U / len(U)  # the empirical Fisher of the pool's unit gradients
         lam = ScoreTransform.load(tmp_path / "t.zarr" / TRANSFORM_FILE).damping
-        A = np.linalg.solve(F + lam * np.eye(len(F)), A.T).T
+        A = np.linalg.solve(F + lam * np.eye(len(F)), unit(A).T).T
     brute = unit(A) @ unit(P).T
     assert np.abs(t.scores() - brute).max() < 5e-3  # float16 gradients and scores
     assert t.manifest["score"] == score

@@ -1,5 +1,5 @@
-"""Teacher score variants on small cases: centring is exact, the Fisher correction matches an
-explicit matrix inverse, checkpoint sums match a loop, and the teacher store uses them."""
+"""Teacher score variants on small cases: centring is exact, the Fisher correction (empirical Fisher
+of unit gradients) matches an explicit matrix inverse, checkpoint sums match a loop, and the teacher store uses them."""
 
 import numpy as np
 import pytest
@@ -33,13 +33,13 @@ def test_fisher_matches_explicit_inverse(n, d):
     P = rng.normal(size=(n, d)) + rng.normal(size=d) * 2
     Q = rng.normal(size=(3, d))
     tf = ScoreTransform.fit("fisher", P, damping=0.3)
-    C = P - P.mean(0)
-    F = C.T @ C / n
+    U = P / np.linalg.norm(P, axis=1, keepdims=True)
+    F = U.T @ U / n  # the empirical Fisher of unit gradients: uncentred
     eig = np.linalg.eigvalsh(F)
     lam = 0.3 * eig[eig > eig.max() * 1e-12].mean()
     assert tf.damping == pytest.approx(lam, rel=1e-6)
-    q = (np.linalg.inv(F + lam * np.eye(d)) @ (Q - P.mean(0)).T).T
-    want = unit(q) @ unit(C).T
+    q = (np.linalg.inv(F + lam * np.eye(d)) @ Q.T).T  # the query's scale drops out of the cosine
+    want = unit(q) @ unit(U).T
     assert np.abs(tf.scores(Q, P) - want).max() < 1e-4
 
 
