@@ -32,13 +32,17 @@ def test_block_sampling_mixes_hard_and_random():
     assert len(set(cols) & top) >= 10
 
 
-@pytest.fixture(scope="module")
-def distilled(root, tmp_path_factory):
-    cfg = load_config(root / "configs" / "tiny.yaml", [f"out_dir={tmp_path_factory.mktemp('distill')}"])
+def _distil(root, tmp_path_factory, score: str):
+    cfg = load_config(root / "configs" / "tiny.yaml", [f"out_dir={tmp_path_factory.mktemp('distill')}", f"teacher.score={score}"])
     run_local(cfg, progress=False)
     run_local(cfg, "queries", progress=False)
     build_teacher(cfg)
     return cfg, distill(cfg, progress=False)
+
+
+@pytest.fixture(scope="module")
+def distilled(root, tmp_path_factory):
+    return _distil(root, tmp_path_factory, "cosine")
 
 
 def test_trained_student_beats_untrained_on_held_out_block(distilled):
@@ -48,6 +52,16 @@ def test_trained_student_beats_untrained_on_held_out_block(distilled):
     assert s["aggregated_spearman"] > u["aggregated_spearman"]
     assert rep["sizes"]["eval_pool"] >= 30 and rep["best_epoch"] >= 1
     assert set(rep["rows"]) == {"student", "untrained", "tfidf"}
+
+
+def test_student_learns_the_default_fisher_teacher(root, tmp_path_factory):
+    """The default (whitened) teacher is harder to copy than plain cosine (README: demo ρ 0.07 vs
+    0.28); on the tiny run the student still gains clearly over the untrained encoder (+0.14 measured)."""
+    cfg, rep = _distil(root, tmp_path_factory, "fisher")
+    assert cfg.teacher.score == type(cfg.teacher)().score == "fisher"
+    s, u = rep["rows"]["student"], rep["rows"]["untrained"]
+    assert s["per_anchor_spearman"] >= u["per_anchor_spearman"] + 0.1, rep["epochs"]
+    assert s["aggregated_spearman"] > u["aggregated_spearman"] and rep["best_epoch"] >= 1
 
 
 def test_outputs_are_a_loadable_sentence_transformer_and_a_report(distilled):

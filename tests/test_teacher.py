@@ -104,7 +104,7 @@ def test_checkpoint_sum_teacher_and_rerank_match_a_loop(root, tmp_path):
 
     cfg = load_config(root / "configs" / "tiny.yaml", [f"out_dir={tmp_path}", "model.target=finetuned", "data.demo.n=64",
                                                        "finetune.checkpoints=2", "finetune.lr=3e-3", "teacher.checkpoints=[0,1]",
-                                                       "teacher.n_anchors=8", "ray.num_workers=0"])
+                                                       "teacher.n_anchors=8", "ray.num_workers=0", "teacher.score=cosine"])
     finetune(cfg, progress=False)
     run_job(cfg, "pool", progress=False)
     run_job(cfg, "queries", progress=False)
