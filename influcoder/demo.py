@@ -23,7 +23,7 @@ from .index_build import build_index
 from .lexical import bm25_scores
 from .metrics import auprc, precision_at_k, recall_of_planted_at_k, rrf
 from .store import GradStore
-from .teacher import build_teacher, teacher_path
+from .teacher import Teacher, build_teacher, teacher_path
 
 
 def _store_done(cfg: Config, split: str) -> bool:
@@ -191,7 +191,8 @@ def run_demo(cfg: Config, fresh: bool = False, console: Console | None = None) -
 
     # Planted retrieval: mean similarity to the behaviour outputs, student vs teacher vs TF-IDF.
     methods = {"student (influcoder filter)": np.array([fscores[r.id] for r in pool])}
-    methods[f"teacher (gradient {cfg.teacher.score})"] = _teacher_means(cfg, {q.id for q in bad})
+    score = Teacher.open(teacher_path(cfg)).manifest["score"]  # a cached teacher may predate today's default
+    methods[f"teacher (gradient {score})"] = _teacher_means(cfg, {q.id for q in bad})
     methods["TF-IDF"] = tfidf_scores([q.as_text() for q in bad], texts, texts)[0].T.mean(1)
     methods["BM25"] = bm25_scores([q.as_text() for q in bad], texts)
     methods["student + BM25 (filter --fusion bm25)"] = rrf(methods["student (influcoder filter)"], methods["BM25"])

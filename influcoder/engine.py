@@ -270,10 +270,11 @@ class Engine:
         if rerank:
             teacher = self.teacher()
             exact = teacher.scores(records, [[h["id"] for h in hs] for hs in hits])
+            kind = teacher.parts[0][3].kind  # the score teacher.zarr was built with, not today's config default
             hits = [self._rerank(hs, ex) for hs, ex in zip(hits, exact)]
         for hs in hits:
             top1 = max((h.get("student_score", h["score"]) for h in hs), default=None)
-            out.append({"results": hs[:k], "scores": f"teacher gradient {self.cfg.teacher.score} (re-ranked)" if rerank else "student cosine",
+            out.append({"results": hs[:k], "scores": f"teacher gradient {kind} (re-ranked)" if rerank else "student cosine",
                         **self.ood(top1)})
         return out
 

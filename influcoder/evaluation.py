@@ -303,6 +303,14 @@ def close_loop(cfg: Config, sd: _Seed, scores: dict[str, np.ndarray], seed: int,
     return out
 
 
+def unknown_times_as_none(result: dict) -> dict:
+    """A seed's result read back: NaN seconds (an unknown time, written before None stood for it) become None."""
+    for m in result["methods"].values():
+        if isinstance(m.get("seconds"), float) and np.isnan(m["seconds"]):
+            m["seconds"] = None
+    return result
+
+
 def _aggregate(results: list[dict]) -> dict:
     """Mean and std over the seeds that ranked each method (a resumed run may have measured some
     methods on fewer seeds: `n_seeds` says how many)."""
@@ -366,10 +374,7 @@ def planted_eval(cfg: Config, out_json: Path | None = None, progress: bool = Fal
         if not (resume and done.is_file()):
             results.append(one_seed(cfg, s, progress))
             continue
-        r = json.loads(done.read_text())
-        for m in r["methods"].values():  # NaN seconds (an unknown time, before None stood for it) are not JSON
-            if isinstance(m.get("seconds"), float) and np.isnan(m["seconds"]):
-                m["seconds"] = None
+        r = unknown_times_as_none(json.loads(done.read_text()))
         loop = r.get("close_loop")
         want = _loop_settings(cfg.planted)
         if cfg.planted.close_loop and (loop is None or {k: loop.get(k, d) for k, d in _LOOP_DEFAULTS.items()} != want):

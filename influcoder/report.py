@@ -97,7 +97,7 @@ def write_report(run: str | Path) -> Path:
 def merge_planted(reports: list[dict], names: list[str]) -> dict:
     """One planted report from several runs of the same variant (e.g. seeds 0–2 and 3–5 run apart):
     their seeds pooled and the mean ± std taken again. A seed may appear only once."""
-    from .evaluation import _aggregate
+    from .evaluation import _aggregate, unknown_times_as_none
 
     seeds, where = [], {}
     kinds = reports[0]["settings"]["kinds"]
@@ -108,7 +108,7 @@ def merge_planted(reports: list[dict], names: list[str]) -> dict:
             if r["seed"] in where:
                 raise ValueError(f"{name}: seed {r['seed']} is also in {where[r['seed']]}; pool runs of different seeds")
             where[r["seed"]] = name
-            seeds.append(r)
+            seeds.append(unknown_times_as_none(r))
     return {**reports[0], "seeds": seeds, "aggregate": _aggregate(seeds), "merged_from": names}
 
 

@@ -93,8 +93,10 @@ class ScoreTransform:
     @classmethod
     def load(cls, path: str | Path) -> "ScoreTransform":
         with np.load(path, allow_pickle=False) as z:
-            if int(z["version"]) != TRANSFORM_VERSION:
-                raise ValueError(f"{path}: score transform version {int(z['version'])}, this influcoder reads {TRANSFORM_VERSION}")
+            version, kind = int(z["version"]), str(z["kind"])
+            if version != TRANSFORM_VERSION and not (version == 1 and kind in ("cosine", "centred")):  # v2 changed fisher only
+                raise ValueError(f"{path}: score transform version {version} ({kind}), this influcoder reads {TRANSFORM_VERSION}; "
+                                 "rebuild the teacher (`influcoder teacher CONFIG`)")
             return cls(str(z["kind"]), *(z[k] if k in z else None for k in ("mean", "basis", "shrink")), float(z["damping"]))
 
 

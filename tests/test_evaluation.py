@@ -186,6 +186,10 @@ def test_eval_table_pools_the_seeds_of_several_runs(tmp_path, monkeypatch):
     assert "homo: AUPRC" in out.output and f"| TF-IDF | 0.500 ± {m['auprc']['std']:.3f} |" in out.output and "seeds [0, 1, 3]" in out.output
     with pytest.raises(ValueError, match="seed 0 is also in a"):
         merge_planted([a, a], ["a", "a2"])
+    old = run([7], [0.5])
+    old["seeds"][0]["methods"]["TF-IDF"]["seconds"] = float("nan")  # an unknown time as older reports wrote it
+    t = merge_planted([a, old], ["a", "old"])["aggregate"]["TF-IDF"]
+    assert t["seconds"]["mean"] == pytest.approx(0.1) and t["n_seconds"] == 2 and t["n_seeds"] == 3
     with pytest.raises(ValueError, match="planted kinds"):
         merge_planted([a, {**b, "settings": {"kinds": ["hh", "jigsaw"]}}], ["a", "b"])
     monkeypatch.chdir(tmp_path)  # short names: the error box wraps long paths

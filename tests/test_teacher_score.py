@@ -64,6 +64,12 @@ def test_transform_roundtrip_and_version(tmp_path):
     np.savez(tmp_path / "old.npz", **{**z, "version": 0})
     with pytest.raises(ValueError, match="version 0"):
         ScoreTransform.load(tmp_path / "old.npz")
+    np.savez(tmp_path / "v1.npz", **{**z, "version": 1})  # version 2 changed fisher's maths: a v1 fisher is stale
+    with pytest.raises(ValueError, match="rebuild the teacher"):
+        ScoreTransform.load(tmp_path / "v1.npz")
+    ScoreTransform("cosine").save(tmp_path / "c.npz")
+    np.savez(tmp_path / "c1.npz", **{**dict(np.load(tmp_path / "c.npz")), "version": 1})  # cosine did not change: still read
+    assert ScoreTransform.load(tmp_path / "c1.npz").kind == "cosine"
     with pytest.raises(ValueError, match="choose from"):
         ScoreTransform.fit("tfidf", P)
 
