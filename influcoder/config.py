@@ -146,8 +146,8 @@ class StudentConfig(Section):
     """Distillation loss."""
     alpha: float = 0.5
     """Weight of the Pearson term in `pearson_kl`."""
-    tau: float = 0.05
-    """Softmax temperature of the KL term."""
+    tau: float = 1.0
+    """Softmax temperature of the KL term, on row-standardised scores (each anchor's teacher and student scores z-scored first)."""
     epochs: int = 3
     """Training epochs; the held-out block is scored after each and the best epoch is kept."""
     steps_per_epoch: int = 50

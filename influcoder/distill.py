@@ -34,10 +34,17 @@ def _pearson(Y: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
     return (y * s).sum() / (y.norm() * s.norm()).clamp(min=1e-12)
 
 
+def _standardize(X: torch.Tensor) -> torch.Tensor:
+    """Each row z-scored: (k, m) -> (k, m)."""
+    return (X - X.mean(1, keepdim=True)) / X.std(1, keepdim=True).clamp(min=1e-8)
+
+
 def _kl(Y: torch.Tensor, S: torch.Tensor, tau: float) -> torch.Tensor:
-    """Row-wise KL(softmax(Y/τ) ‖ softmax(S/τ)), averaged over rows."""
-    p = torch.log_softmax(Y / tau, dim=1)
-    q = torch.log_softmax(S / tau, dim=1)
+    """Row-wise KL(softmax(z(Y)/τ) ‖ softmax(z(S)/τ)) on row-standardised scores, averaged over rows.
+    Standardising first keeps the teacher's scale out of it: a fisher teacher's rows spread ~4x less
+    than MiniLM's cosines, and a raw KL then squeezes the student's whole similarity range."""
+    p = torch.log_softmax(_standardize(Y) / tau, dim=1)
+    q = torch.log_softmax(_standardize(S) / tau, dim=1)
     return (p.exp() * (p - q)).sum(1).mean()
 
 

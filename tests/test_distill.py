@@ -23,6 +23,19 @@ def test_each_loss_prefers_the_teachers_order(loss):
         assert good.abs() < 1e-5
 
 
+@pytest.mark.parametrize("loss", ["pearson_kl", "kl"])
+def test_loss_ignores_the_teachers_scale(loss):
+    """A student whose scores are any positive affine map of the teacher's, row by row, is already
+    perfect; and rescaling the teacher does not change the loss (a raw-score KL would ask the student
+    to copy the teacher's spread, which for a fisher teacher squeezes its whole similarity range)."""
+    g = torch.Generator().manual_seed(1)
+    Y = torch.randn(4, 16, generator=g) * 0.02
+    S = torch.randn(4, 16, generator=g) * 0.3
+    sc = StudentConfig(loss=loss)
+    assert block_loss(Y, 5.0 * Y + 0.3, sc).abs() < 1e-5
+    assert torch.isclose(block_loss(Y, S, sc), block_loss(10.0 * Y - 1.0, S, sc), atol=1e-5)
+
+
 def test_block_sampling_mixes_hard_and_random():
     rng = np.random.default_rng(0)
     Y = rng.normal(size=(10, 100))
