@@ -36,6 +36,8 @@ def _pearson(Y: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
 
 def _standardize(X: torch.Tensor) -> torch.Tensor:
     """Each row z-scored: (k, m) -> (k, m)."""
+    if X.shape[1] < 2:  # one candidate: nothing to rank (and no std)
+        return X * 0.0  # zeros that stay on the autograd graph
     return (X - X.mean(1, keepdim=True)) / X.std(1, keepdim=True).clamp(min=1e-8)
 
 
