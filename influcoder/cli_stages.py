@@ -92,7 +92,7 @@ def eval_table_cmd(reports: Annotated[list[str], typer.Argument(metavar="REPORT.
 
     columns = {}
     for arg in reports:
-        name, _, paths = arg.rpartition("=") if "=" in arg else ("", "", arg)
+        name, _, paths = arg.partition("=") if "=" in arg else ("", "", arg)  # a path may hold "=", a name may not
         files = [Path(x) for x in paths.split(",") if x]
         for f in files:
             if not f.is_file():
