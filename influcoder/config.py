@@ -295,6 +295,10 @@ class PlantedConfig(Section):
     """Score corrections applied to every gradient pass (see teacher.score); each pass × score is one teacher row."""
     student_teacher: str = "checkpoints"
     """Gradients the student is distilled from (scored with teacher.score): a pass of teacher_variants (`none`, `second_moment`, `adam`, or `checkpoints`: the learning-rate-weighted sum over the saved checkpoints), or `checkpoint-I`, the I-th saved checkpoint alone (0 = earliest)."""
+    aggregate: Literal["mean", "rrf"] = "mean"
+    """How every method's scores to the references become one ranking of the pool: `mean` (the mean score) or `rrf` (reciprocal-rank fusion over references: the mean of 1/(rrf_k + rank), each reference ranking the pool itself, so each has an equal say at the top whatever its score scale). Teacher score matrices are summed over checkpoints first. The same for every method in the run; the result records it."""
+    rrf_k: int = 5
+    """`aggregate: rrf`: the k in 1/(k + rank); small k listens to each reference's first few rows (chosen on planted seeds 0–5 of 258-row pools, README Results)."""
     n_generate: int = 20
     """Held-out prompts completed to measure the unsafe-output rate."""
     max_new_tokens: int = 48

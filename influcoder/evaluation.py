@@ -22,7 +22,7 @@ from .fidelity import encode, tfidf_scores
 from .finetune import adapter_path, finetune, finetune_dir
 from .gradient_job import default_store_path
 from .lexical import bm25_scores
-from .metrics import auprc, precision_at_k, recall_of_planted_at_k, rrf
+from .metrics import auprc, fuse_references, precision_at_k, recall_of_planted_at_k, rrf
 from .models import load_decoder, load_encoder
 from .planted import UnsafeDetector, build_pool, unsafe_rate
 from .ray_jobs import run_job
@@ -94,11 +94,11 @@ def _complete(path: Path) -> bool:
 
 
 def _teacher_scores(P: np.ndarray, R: np.ndarray, kinds: list[str], damping: float) -> dict[str, tuple[np.ndarray, float]]:
-    """Per score kind: (pool,) mean corrected cosine to the references, and its seconds."""
+    """Per score kind: (refs, pool) corrected cosines, and their seconds."""
     out = {}
     for kind in kinds:
         t0 = time.perf_counter()
-        s = ScoreTransform.fit(kind, P, damping).scores(R, P).mean(0)
+        s = ScoreTransform.fit(kind, P, damping).scores(R, P)
         out[kind] = (s, time.perf_counter() - t0)
     return out
 
@@ -107,7 +107,7 @@ def _encoder_scores(model, pool: list[str], refs: list[str], cfg: Config) -> tup
     t0 = time.perf_counter()
     P = encode(model, pool, cfg.student.document_prompt)
     R = encode(model, refs, cfg.student.query_prompt)
-    return (P @ R.T).mean(1), time.perf_counter() - t0
+    return R @ P.T, time.perf_counter() - t0  # (refs, pool)
 
 
 def _rate(cfg: Config, adapter: str | None, prompts: list[str], detector: UnsafeDetector) -> dict:
@@ -241,9 +241,12 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
     scores["influcoder student"], seconds["influcoder student"] = _encoder_scores(student, pool_texts, ref_texts, cfg)
     scores["untrained student"], seconds["untrained student"] = _encoder_scores(load_encoder(cfg.student.base, seed=cfg.student.seed), pool_texts, ref_texts, cfg)
     t0 = time.perf_counter()
-    scores["TF-IDF"] = tfidf_scores(ref_texts, pool_texts, pool_texts)[0].T.mean(1)
+    scores["TF-IDF"] = tfidf_scores(ref_texts, pool_texts, pool_texts)[0]
     seconds["TF-IDF"] = time.perf_counter() - t0
-    scores["BM25"], seconds["BM25"] = _timed(lambda: bm25_scores(ref_texts, pool_texts))
+    scores["BM25"], seconds["BM25"] = _timed(lambda: bm25_scores(ref_texts, pool_texts, per_query=True))
+    # every (refs, pool) matrix becomes one ranking the same way (planted.aggregate)
+    per_ref = dict(scores)
+    scores = {m: fuse_references(S, p.aggregate, p.rrf_k) for m, S in per_ref.items()}
     scores["random"], seconds["random"] = np.random.default_rng(seed).random(len(pool)), 0.0
     for lexical in ("BM25", "TF-IDF"):  # fusion candidates for flagging (the pure scores stay above)
         scores[f"student + {lexical} (RRF)"] = rrf(scores["influcoder student"], scores[lexical])
@@ -252,12 +255,14 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
     methods = {m: {"auprc": auprc(labels, s), "recall@planted": recall_of_planted_at_k(labels, s, n_planted),
                    "precision@10": precision_at_k(labels, s, 10), "seconds": None if seconds[m] is None else round(seconds[m], 3)} for m, s in scores.items()}
     result = {"seed": seed, "settings": {"teacher_variants": list(p.teacher_variants), "teacher_scores": list(p.teacher_scores),
+                                          **_aggregate_settings(p),
                                           "student_teacher": p.student_teacher, "samples": p.samples,
                                           "student_steps": cfg.student.epochs * cfg.student.steps_per_epoch},
               "pool": info, "n_pool": len(pool), "n_planted": n_planted, "finetune_seconds": round(ft_seconds, 1),
               "teacher_build_seconds": round(t_teacher, 2), "distill_seconds": round(t_distill, 1), "distill_reused": distilled,
               "student_fidelity": fid["rows"]["student"], "unsafe_rate": learned, "methods": methods}
     np.savez(root / "scores.npz", labels=labels, **{m.replace(" ", "_"): s for m, s in scores.items()})
+    np.savez(root / "per_reference.npz", **{m.replace(" ", "_"): S.astype(np.float32) for m, S in per_ref.items()})  # (refs, pool) each
     if p.close_loop:
         result["close_loop"] = close_loop(cfg, sd, scores, seed, progress)
     (root / "result.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
@@ -265,6 +270,11 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
 
 
 _LOOP_DEFAULTS = {"ranking": "influcoder student", "budget": 1.0, "repeats": 1}  # what a result from before these settings used
+
+
+def _aggregate_settings(p) -> dict:
+    """How a seed's rankings were made from its (refs, pool) scores; a result from before the option used the mean."""
+    return {"aggregate": p.aggregate, **({"rrf_k": p.rrf_k} if p.aggregate == "rrf" else {})}
 
 
 def _loop_settings(p) -> dict:
@@ -363,15 +373,21 @@ def _plots(results: list[dict], agg: dict, out: Path) -> list[str]:
     return [str(out / "planted_pr.png"), str(out / "planted_time.png")]
 
 
+def _same_aggregate(result: dict, p) -> bool:
+    """Whether a saved seed ranked the pool the way these settings ask (if not, resuming recomputes it from the saved stores)."""
+    saved = {"aggregate": "mean", **result.get("settings", {})}
+    return all(saved.get(k) == v for k, v in _aggregate_settings(p).items())
+
+
 def planted_eval(cfg: Config, out_json: Path | None = None, progress: bool = False, resume: bool = False) -> dict:
     """Every seed of cfg.planted.seeds; with `resume`, a seed that already has a result.json is read,
-    not run again (its settings may differ from this call's: each result records its own), except
-    that a close-the-loop asked for now, and missing there or made with other close_loop_* settings,
+    not run again (its settings may differ from this call's: each result records its own), unless it
+    ranked the pool with another planted.aggregate (then it is recomputed from the saved stores), and a close-the-loop asked for now, and missing there or made with other close_loop_* settings,
     is run from the seed's saved rankings."""
     results = []
     for s in cfg.planted.seeds:
         done = cfg.run_dir / "planted" / f"seed{s}" / "result.json"
-        if not (resume and done.is_file()):
+        if not (resume and done.is_file() and _same_aggregate(json.loads(done.read_text()), cfg.planted)):
             results.append(one_seed(cfg, s, progress))
             continue
         r = unknown_times_as_none(json.loads(done.read_text()))

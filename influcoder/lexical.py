@@ -54,8 +54,9 @@ class Bm25:
         return {"lex_indptr": np.array(indptr, np.int64), "lex_indices": cat(indices, np.int32),
                 "lex_counts": cat(counts, np.int32), "lex_length": np.array(lengths, np.int32)}
 
-    def scores(self, n_chunks: int, load: Callable[[int, str], np.ndarray]) -> np.ndarray:
-        """(rows,) the scaled mean BM25 over chunks 0..n_chunks-1, read with `load(k, key)`."""
+    def scores(self, n_chunks: int, load: Callable[[int, str], np.ndarray], per_query: bool = False) -> np.ndarray:
+        """(rows,) the scaled mean BM25 over chunks 0..n_chunks-1, read with `load(k, key)`; with
+        `per_query`, (rows, queries): each query's BM25 scaled by its best row, before the mean."""
         V = len(self.vocab)
 
         def tf(k: int) -> tuple[sp.csr_matrix, np.ndarray]:  # (rows, V) counts, (rows,) lengths
@@ -71,7 +72,7 @@ class Bm25:
             total += length.sum()
             n += len(length)
         if n == 0:
-            return np.zeros(0)
+            return np.zeros((0, self.Q.shape[0])) if per_query else np.zeros(0)
         avg = total / n
         idf = np.log(1 + (n - df + 0.5) / (df + 0.5))  # (V,)
 
@@ -86,11 +87,12 @@ class Bm25:
         for k in range(n_chunks):
             top = np.maximum(top, raw(k).max(0, initial=0.0))
         scale = np.where(top > 0, top, 1.0)
-        return np.concatenate([(raw(k) / scale).mean(1) for k in range(n_chunks)])
+        return np.concatenate([raw(k) / scale if per_query else (raw(k) / scale).mean(1) for k in range(n_chunks)])
 
 
-def bm25_scores(queries: list[str], docs: list[str]) -> np.ndarray:
-    """(docs,) the same score over texts in memory (one chunk)."""
+def bm25_scores(queries: list[str], docs: list[str], per_query: bool = False) -> np.ndarray:
+    """(docs,) the same score over texts in memory (one chunk); with `per_query`, (queries, docs)."""
     bm = Bm25(queries)
     counts = bm.count(docs)
-    return bm.scores(1, lambda k, key: counts[key])
+    s = bm.scores(1, lambda k, key: counts[key], per_query)
+    return s.T if per_query else s

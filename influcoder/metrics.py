@@ -92,10 +92,24 @@ def recall_of_planted_at_k(labels: np.ndarray, scores: np.ndarray, k: int) -> fl
 
 
 def rrf(*scores: np.ndarray, k: int = 60) -> np.ndarray:
-    """Reciprocal-rank fusion: Σ 1/(k + rank), rank 1 = highest score."""
+    """Reciprocal-rank fusion: Σ 1/(k + rank), rank 1 = highest score; tied scores share their mean rank."""
+    from scipy.stats import rankdata
+
     total = np.zeros(len(scores[0]))
     for s in scores:
-        ranks = np.empty(len(s))
-        ranks[np.argsort(-np.asarray(s), kind="stable")] = np.arange(1, len(s) + 1)
-        total += 1.0 / (k + ranks)
+        total += 1.0 / (k + rankdata(-np.asarray(s, np.float64), method="average"))
     return total
+
+
+def fuse_references(S: np.ndarray, how: str, k: int = 5) -> np.ndarray:
+    """(pool,) one score per pool row from S (refs, pool), the scores to each reference: `mean`, or
+    `rrf`, the mean over references of 1/(k + rank) with each reference ranking the pool itself, so
+    every reference has an equal say at the top of the ranking whatever the scale of its scores."""
+    S = np.asarray(S, np.float64)
+    if S.ndim != 2 or not S.shape[0]:
+        raise ValueError(f"need (references, pool) scores, got shape {S.shape}")
+    if how == "mean":
+        return S.mean(0)
+    if how == "rrf":
+        return rrf(*S, k=k) / len(S)
+    raise ValueError(f"reference aggregation must be mean or rrf, got {how!r}")

@@ -146,6 +146,23 @@ def test_report_gathers_results_into_one_page(root, tmp_path):
     assert not (cfg.run_dir / "planted" / "seed7").exists()
     with pytest.raises(FileNotFoundError, match="nothing|no fidelity"):
         write_report(tmp_path / "empty")
+    # every method's (refs, pool) scores are saved; the mean ranking is their mean, and asking for
+    # `rrf` recomputes a saved seed from its stores (the student reused), each ranking the fusion of its references
+    from influcoder.metrics import auprc, fuse_references
+
+    seed_dir = cfg.run_dir / "planted" / "seed0"
+    per, z = dict(np.load(seed_dir / "per_reference.npz")), dict(np.load(seed_dir / "scores.npz"))
+    names = ("teacher_(checkpoints,_fisher)", "influcoder_student", "TF-IDF", "BM25")
+    for m in names:
+        assert per[m].shape == (6, len(z["labels"])) and np.allclose(z[m], per[m].mean(0), atol=1e-6)
+    fused = cfg.model_copy(update={"planted": cfg.planted.model_copy(update={"seeds": [0], "aggregate": "rrf", "rrf_k": 3})})
+    r = planted_eval(fused, resume=True)["seeds"][0]
+    assert r["settings"]["aggregate"] == "rrf" and r["settings"]["rrf_k"] == 3 and r["distill_reused"]
+    z = dict(np.load(seed_dir / "scores.npz"))
+    for m in names:
+        assert np.allclose(z[m], fuse_references(per[m], "rrf", 3)) and not np.allclose(z[m], per[m].mean(0))
+        assert r["methods"][m.replace("_", " ")]["auprc"] == pytest.approx(auprc(z["labels"], z[m]))
+    assert planted_eval(fused, resume=True)["seeds"][0] == r  # the same settings: read back, not recomputed
 
 
 def test_unsafe_rate_samples_replies_reproducibly(root):
