@@ -163,6 +163,11 @@ def test_report_gathers_results_into_one_page(root, tmp_path):
         assert np.allclose(z[m], fuse_references(per[m], "rrf", 3)) and not np.allclose(z[m], per[m].mean(0))
         assert r["methods"][m.replace("_", " ")]["auprc"] == pytest.approx(auprc(z["labels"], z[m]))
     assert planted_eval(fused, resume=True)["seeds"][0] == r  # the same settings: read back, not recomputed
+    from influcoder.report import planted_markdown
+
+    assert "ranked by rank fusion over references (k 3);" in planted_markdown({"f": {**first, "seeds": [r]}})
+    mixed = planted_markdown({"m": {**first, "seeds": [first["seeds"][0], {**r, "seed": 5}]}})
+    assert "ranked by the mean over references on seeds [0], rank fusion over references (k 3) on seeds [5];" in mixed
 
 
 def test_unsafe_rate_samples_replies_reproducibly(root):
