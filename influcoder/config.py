@@ -156,6 +156,8 @@ class StudentConfig(Section):
     """Anchors per training block."""
     m_candidates: int = 32
     """Pool candidates per training block."""
+    query_share: float = 0.0
+    """Share of each block's anchors drawn from the query sets the config names (the outputs users attribute), the rest from pool rows; 0: one uniform draw over all training anchors."""
     hard_negative_ratio: float = 0.5
     """Share of a block's candidates drawn from the teacher's top items for its anchors; the rest are random."""
     lr: float = 1e-4
