@@ -382,8 +382,9 @@ def _same_aggregate(result: dict, p) -> bool:
 def planted_eval(cfg: Config, out_json: Path | None = None, progress: bool = False, resume: bool = False) -> dict:
     """Every seed of cfg.planted.seeds; with `resume`, a seed that already has a result.json is read,
     not run again (its settings may differ from this call's: each result records its own), unless it
-    ranked the pool with another planted.aggregate (then it is recomputed from the saved stores), and a close-the-loop asked for now, and missing there or made with other close_loop_* settings,
-    is run from the seed's saved rankings."""
+    ranked the pool with another planted.aggregate (then it is recomputed from the saved stores); a
+    close-the-loop asked for now, and missing there or made with other close_loop_* settings, is run
+    from the seed's saved rankings."""
     results = []
     for s in cfg.planted.seeds:
         done = cfg.run_dir / "planted" / f"seed{s}" / "result.json"
