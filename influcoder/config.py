@@ -156,8 +156,6 @@ class StudentConfig(Section):
     """Anchors per training block."""
     m_candidates: int = 32
     """Pool candidates per training block."""
-    query_share: float = 0.0
-    """Share of each block's anchors drawn from the query sets the config names (the outputs users attribute), the rest from pool rows; 0: one uniform draw over all training anchors."""
     hard_negative_ratio: float = 0.5
     """Share of a block's candidates drawn from the teacher's top items for its anchors; the rest are random."""
     lr: float = 1e-4
@@ -325,7 +323,7 @@ class FilterConfig(Section):
     text: Literal["full", "response"] = "full"
     """What of each prompt/response example (dataset rows, behaviours, reference, canaries) is embedded: `full` (prompt + response, as the index and the student see them) or `response` (the output alone; batch filter only, `/v1/flag` scores the index's full-text vectors). Measured with MiniLM, mean aggregate: demo's planted insults AUPRC 0.42 full, 0.89 response; Dolly + planted HH-RLHF harmful replies 0.60 full, 0.51 response."""
     fusion: Literal["none", "bm25"] = "none"
-    """`bm25`: rank rows by reciprocal-rank fusion (Σ 1/(60 + rank)) of the student score and a BM25 score against the same behaviour examples (`lexical.py`; exact whole-dataset statistics, streamed); `--budget` only, as fused scores have no absolute scale. `none`: the student score alone (the attribution score; what `/v1/flag` uses). Measured on the planted benchmark (SmolLM2 × shared data, 6 seeds, student of the `fisher` teacher, AUPRC): homogeneous student 0.653, BM25 0.424, fused 0.642; heterogeneous 0.587, 0.404, 0.640 (README Results)."""
+    """`bm25`: rank rows by reciprocal-rank fusion (Σ 1/(60 + rank)) of the student score and a BM25 score against the same behaviour examples (`lexical.py`; exact whole-dataset statistics, streamed); `--budget` only, as fused scores have no absolute scale. `none`: the student score alone (the attribution score; what `/v1/flag` uses). Measured on the planted benchmark (SmolLM2 × shared data, 6 seeds, student of the `fisher` teacher, AUPRC): homogeneous student 0.653, BM25 0.424, fused 0.642; heterogeneous 0.587, 0.404, 0.640 (each score the mean over the behaviour examples, as the filter takes it; README Results)."""
     chunk_size: int = 4096
     """Dataset rows embedded and scored per chunk; a crashed run resumes from the last finished chunk."""
     budget: float = 0.02

@@ -89,16 +89,6 @@ def sample_block(Y: np.ndarray, k: int, m: int, hard_ratio: float, rng: np.rando
     return np.concatenate([hard, rest])
 
 
-def draw_anchors(is_query: np.ndarray, k: int, query_share: float, rng: np.random.Generator) -> np.ndarray:
-    """k distinct training anchors for a block: round(query_share · k) query anchors (as many as
-    there are), the rest pool rows; query_share 0 is one uniform draw over all of them."""
-    k_query = min(int(round(query_share * k)), int(is_query.sum()))
-    if not k_query:
-        return rng.choice(len(is_query), size=k, replace=False)
-    q, rest = np.flatnonzero(is_query), np.flatnonzero(~is_query)
-    return np.concatenate([rng.choice(q, size=k_query, replace=False), rng.choice(rest, size=min(k - k_query, len(rest)), replace=False)])
-
-
 def _embed(model, texts: list[str], prompt: str, device) -> torch.Tensor:
     feats = model.preprocess([prompt + t for t in texts])
     feats = {k: v.to(device) if torch.is_tensor(v) else v for k, v in feats.items()}
@@ -133,13 +123,12 @@ def distill(cfg: Config, progress: bool = True) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, weight_decay=sc.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, int(sc.warmup_ratio * steps), steps)
     k = min(sc.k_anchors, len(a_idx))
-    is_query = np.array([teacher.anchor_source[i] != "pool" for i in a_idx])
     bar = tqdm(total=steps, desc="distill", unit="step", disable=not progress)
     for epoch in range(1, sc.epochs + 1):
         model.train()
         losses = []
         for _ in range(sc.steps_per_epoch):
-            anchors = draw_anchors(is_query, k, sc.query_share, rng)
+            anchors = rng.choice(len(a_idx), size=k, replace=False)
             cols = sample_block(Y_train, k, sc.m_candidates, sc.hard_negative_ratio, rng, anchors)
             Y = torch.as_tensor(Y_train[np.ix_(anchors, cols)], device=device)
             A = _embed(model, [train_anchors[i] for i in anchors], sc.query_prompt, device)

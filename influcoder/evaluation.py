@@ -233,7 +233,7 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
         raise ValueError(f"planted.student_teacher={p.student_teacher!r} was not computed; this run has {sorted(teachers)}"
                          + (" and checkpoints" if ckpt_sources else ""))
     (_, t_teacher) = _timed(lambda: build_teacher(main, sources=sources))
-    student_key = {"student_teacher": p.student_teacher, "teacher": main.teacher.model_dump(mode="json"), "student": main.student.model_dump(mode="json", exclude={"query_share"} if not main.student.query_share else None),
+    student_key = {"student_teacher": p.student_teacher, "teacher": main.teacher.model_dump(mode="json"), "student": main.student.model_dump(mode="json"),
                    "gradients": cfg.gradients.model_dump(mode="json"), "finetune": ft_cfg.finetune.model_dump(mode="json", exclude={"torch_threads"}),
                    "sources": [str(c.run_dir) for c, _ in sources or []]}
     (fid, distilled), t_distill = _timed(lambda: _cached(main.run_dir / "student.json", student_key, lambda: distill(main, progress=progress)))

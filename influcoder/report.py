@@ -112,7 +112,7 @@ def merge_planted(reports: list[dict], names: list[str]) -> dict:
     return {**reports[0], "seeds": seeds, "aggregate": _aggregate(seeds), "merged_from": names}
 
 
-def _fusion(seeds: list[dict]) -> str:
+def _ranked_by(seeds: list[dict]) -> str:
     """How the seeds' rankings came from their references (planted.aggregate), naming the seeds where runs differ."""
     by: dict[str, list[int]] = {}
     for s in seeds:
@@ -146,7 +146,7 @@ def planted_markdown(reports: dict[str, dict]) -> str:
         s0 = r["seeds"][0]
         rates = ", ".join(f"{_rates(s['unsafe_rate']['base'])} → {_rates(s['unsafe_rate']['finetuned'])}" for s in r["seeds"])
         meta.append(f"- {n}: {s0['n_planted']} planted ({', '.join(r['settings']['kinds'])}) in {s0['n_pool']} rows, "
-                    f"seeds {[s['seed'] for s in r['seeds']]}, ranked by {_fusion(r['seeds'])}; unsafe replies to held-out prompts, greedy (sampled), "
+                    f"seeds {[s['seed'] for s in r['seeds']]}, ranked by {_ranked_by(r['seeds'])}; unsafe replies to held-out prompts, greedy (sampled), "
                     f"base → fine-tuned: {rates}")
         loops = [(x["seed"], x["close_loop"]) for x in r["seeds"] if "close_loop" in x]
         if loops:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from influcoder.config import StudentConfig, load_config
-from influcoder.distill import block_loss, distill, draw_anchors, encoder_path, sample_block
+from influcoder.distill import block_loss, distill, encoder_path, sample_block
 from influcoder.fidelity import eval_fidelity
 from influcoder.gradient_job import run_local
 from influcoder.teacher import build_teacher
@@ -59,16 +59,6 @@ def _distil(root, tmp_path_factory, score: str):
 @pytest.fixture(scope="module")
 def distilled(root, tmp_path_factory):
     return _distil(root, tmp_path_factory, "cosine")
-
-
-def test_query_share_fills_blocks_with_query_anchors():
-    is_query = np.array([False] * 20 + [True] * 5)
-    for share, want in ((0.5, 4), (1.0, 5), (0.25, 2)):  # 5 query anchors: a share of 1 takes all 5, then pool rows
-        for seed in range(20):
-            a = draw_anchors(is_query, 8, share, np.random.default_rng(seed))
-            assert len(a) == len(set(a)) == 8 and is_query[a].sum() == want
-    # share 0 is the plain uniform draw, the same rows as before the option for the same generator state
-    assert np.array_equal(draw_anchors(is_query, 8, 0.0, np.random.default_rng(3)), np.random.default_rng(3).choice(25, size=8, replace=False))
 
 
 def test_trained_student_beats_untrained_on_held_out_block(distilled):
