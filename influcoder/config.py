@@ -149,7 +149,7 @@ class StudentConfig(Section):
     tau: float = 1.0
     """Softmax temperature of the KL term, on row-standardised scores (each anchor's teacher and student scores z-scored first)."""
     epochs: int = 3
-    """Training epochs; the held-out block is scored after each and the best epoch is kept."""
+    """Training epochs; the held-out block is scored after each and the best of them is kept (the untrained encoder, epoch 0, is only the baseline)."""
     steps_per_epoch: int = 50
     """Training blocks per epoch."""
     k_anchors: int = 8

@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import Config
 from .data import load_records, write_jsonl
-from .distill import distill, encoder_path
+from .distill import VERSION as DISTILL_VERSION, distill, encoder_path
 from .fidelity import encode, tfidf_scores
 from .finetune import adapter_path, finetune, finetune_dir
 from .gradient_job import default_store_path
@@ -233,7 +233,7 @@ def one_seed(cfg: Config, seed: int, progress: bool = False) -> dict:
         raise ValueError(f"planted.student_teacher={p.student_teacher!r} was not computed; this run has {sorted(teachers)}"
                          + (" and checkpoints" if ckpt_sources else ""))
     (_, t_teacher) = _timed(lambda: build_teacher(main, sources=sources))
-    student_key = {"student_teacher": p.student_teacher, "teacher": main.teacher.model_dump(mode="json"), "student": main.student.model_dump(mode="json"),
+    student_key = {"distill_version": DISTILL_VERSION, "student_teacher": p.student_teacher, "teacher": main.teacher.model_dump(mode="json"), "student": main.student.model_dump(mode="json"),
                    "gradients": cfg.gradients.model_dump(mode="json"), "finetune": ft_cfg.finetune.model_dump(mode="json", exclude={"torch_threads"}),
                    "sources": [str(c.run_dir) for c, _ in sources or []]}
     (fid, distilled), t_distill = _timed(lambda: _cached(main.run_dir / "student.json", student_key, lambda: distill(main, progress=progress)))

@@ -48,8 +48,8 @@ def test_block_sampling_mixes_hard_and_random():
     assert len(set(cols) & top) >= 10
 
 
-def _distil(root, tmp_path_factory, score: str):
-    cfg = load_config(root / "configs" / "tiny.yaml", [f"out_dir={tmp_path_factory.mktemp('distill')}", f"teacher.score={score}"])
+def _distil(root, tmp_path_factory, score: str, *sets: str):
+    cfg = load_config(root / "configs" / "tiny.yaml", [f"out_dir={tmp_path_factory.mktemp('distill')}", f"teacher.score={score}", *sets])
     run_local(cfg, progress=False)
     run_local(cfg, "queries", progress=False)
     build_teacher(cfg)
@@ -78,6 +78,15 @@ def test_student_learns_the_default_fisher_teacher(root, tmp_path_factory):
     s, u = rep["rows"]["student"], rep["rows"]["untrained"]
     assert s["per_anchor_spearman"] >= u["per_anchor_spearman"] + 0.1, rep["epochs"]
     assert s["aggregated_spearman"] > u["aggregated_spearman"] and rep["best_epoch"] >= 1
+
+
+def test_the_untrained_encoder_is_never_the_pick(root, tmp_path_factory):
+    """At lr 0 every epoch scores exactly like the untrained encoder; the first trained epoch is kept
+    (keeping epoch 0 on a tie or a noise-sized lead shipped the base model as "the student")."""
+    cfg, rep = _distil(root, tmp_path_factory, "cosine", "student.lr=0", "student.epochs=2", "student.steps_per_epoch=2")
+    rhos = [e["per_anchor_spearman"] for e in rep["epochs"]]
+    assert rhos[1] == pytest.approx(rhos[0]) and rhos[2] == pytest.approx(rhos[0]), rhos
+    assert rep["best_epoch"] == 1 and rep["version"] == 2
 
 
 def test_outputs_are_a_loadable_sentence_transformer_and_a_report(distilled):
