@@ -123,8 +123,8 @@ def distill(cfg: Config, progress: bool = True) -> dict:
     untrained, S0 = held.score(model)
     epochs = [{"epoch": 0, **untrained}]
     # Epoch 0 is the baseline, never the pick: against a gradient teacher held-out ρ sits near noise
-    # (0.01-0.11), and a 0.002 lead kept the untrained encoder on 3 of 21 planted seeds (AUPRC 0.26
-    # where its first trained epoch had 1.0).
+    # (0.01-0.11), and leads of 0.002-0.007 kept the untrained encoder on 3 of 21 planted seeds (one
+    # kept AUPRC 0.26 where its first trained epoch had 1.0).
     best, best_state, best_epoch = -math.inf, None, 0
 
     steps = sc.epochs * sc.steps_per_epoch
